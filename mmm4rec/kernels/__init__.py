@@ -1,0 +1,2 @@
+"""Compute kernels with PyTorch reference twins; use the dispatchers in ``dispatch``."""
+from .dispatch import fourier_filter, ssd  # noqa: F401

@@ -1,0 +1,228 @@
+"""The model contract shared by MMM4Rec and SASRec.
+
+A model is two modules:
+
+* ``model.tables`` (:class:`ItemTables`): per-item rows, per domain, never
+  transferred: frozen modality features, modality masks, trainable ID rows.
+  ``dist/`` serves the same rows from torchrec ``EmbeddingCollection``s (sharded
+  for huge catalogs); :meth:`SeqRecModel.table_specs` says what they are.
+* ``model.dense``: everything else (the transferable weights). Its ``forward``
+  takes looked-up rows, so DeepSpeed wraps it alone:
+
+      u, V = dense(seq=SeqInput, items=item_rows)
+      u [b, N] user vectors; V [n, N] item vectors with fusion weights and 1/tau
+      folded in, so that the scores are u @ V.T.
+
+The model then offers ``calculate_loss``, ``full_sort_predict``, ``user_vector``,
+``item_vectors`` and ``save_pretrained`` / ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from .. import losses
+from ..config import ConfigError, from_dict
+
+TableKind = Literal["feature", "trainable"]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One per-item table: ``num_rows`` = num_items + 1 (row 0 = padding)."""
+
+    name: str
+    num_rows: int
+    dim: int
+    kind: TableKind          # "feature": frozen, filled from the ItemTable; "trainable": learned
+    init: Literal["zeros", "normal"] = "zeros"
+
+
+@dataclass
+class SeqInput:
+    """What the dense part sees of a batch. rows: looked-up rows of ``item_seq``."""
+
+    rows: dict[str, torch.Tensor]   # name -> [b, L, dim]
+    item_seq: torch.Tensor          # [b, L] int64
+    time_seq: torch.Tensor          # [b, L] float64
+    item_seq_len: torch.Tensor      # [b] int64
+    target_time: torch.Tensor | None = None  # [b] float64
+
+    @classmethod
+    def from_batch(cls, batch: dict, rows: dict[str, torch.Tensor]) -> "SeqInput":
+        return cls(rows, batch["item_seq"], batch["time_seq"], batch["item_seq_len"], batch.get("target_time"))
+
+
+class ItemTables(nn.Module):
+    """Plain (single-process) item tables: ``forward(ids [...]) -> {name: [..., dim]}``."""
+
+    def __init__(self, specs: list[TableSpec]):
+        super().__init__()
+        self.specs = {s.name: s for s in specs}
+        self.tables = nn.ModuleDict()
+        for s in specs:
+            emb = nn.Embedding(s.num_rows, s.dim)
+            if s.init == "zeros":
+                nn.init.zeros_(emb.weight)
+            else:
+                nn.init.normal_(emb.weight, 0.0, 0.02)
+            emb.weight.requires_grad_(s.kind == "trainable")
+            self.tables[s.name] = emb
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: emb(ids) for name, emb in self.tables.items()}
+
+    @torch.no_grad()
+    def load_features(self, features: dict[str, "torch.Tensor"]) -> None:
+        """Fill the frozen tables: ``features[name]`` is [num_rows, dim] (numpy or torch)."""
+        for name, spec in self.specs.items():
+            if spec.kind != "feature":
+                continue
+            if name not in features:
+                raise ValueError(f"item table: no '{name}' features given (have {sorted(features)})")
+            src = torch.as_tensor(features[name], dtype=torch.float32)
+            if tuple(src.shape) != (spec.num_rows, spec.dim):
+                raise ValueError(
+                    f"item table '{name}': expected shape ({spec.num_rows}, {spec.dim}) "
+                    f"(num_items + 1, dim), got {tuple(src.shape)}")
+            self.tables[name].weight.copy_(src)
+
+
+def item_table_features(table, names=("text", "image", "modality_mask")) -> dict:
+    """Map a ``data_shards.items.ItemTable`` onto the feature tables of the models."""
+    import numpy as np
+
+    n = table.num_items + 1
+    out = {}
+    if "text" in names:
+        out["text"] = table.text
+    if "image" in names:
+        out["image"] = table.image if table.image is not None else np.zeros((n, 0), np.float32)
+    if "modality_mask" in names:
+        img_mask = table.image_mask if table.image is not None else np.zeros(n, bool)
+        out["modality_mask"] = np.stack([table.text_mask, img_mask], axis=1).astype(np.float32)
+    return out
+
+
+class SeqRecModel(nn.Module):
+    """Base of every model: ``tables`` + ``dense`` and the shared training/eval API."""
+
+    model_type: str = ""
+    config_cls: type = object
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_items = config.num_items
+        self.tables = ItemTables(self.table_specs())
+
+    # --- to implement -----------------------------------------------------------
+    def table_specs(self) -> list[TableSpec]:
+        raise NotImplementedError
+
+    # --- features ----------------------------------------------------------------
+    def set_item_table(self, table) -> None:
+        """Load frozen features from a ``data_shards.items.ItemTable``."""
+        specs = [s.name for s in self.table_specs() if s.kind == "feature"]
+        if specs:
+            self.tables.load_features(item_table_features(table, specs))
+
+    # --- the contract ------------------------------------------------------------
+    def user_vector(self, batch: dict) -> torch.Tensor:
+        u, _ = self.dense(seq=SeqInput.from_batch(batch, self.tables(batch["item_seq"])))
+        return u
+
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is None:
+            ids = torch.arange(self.num_items + 1, device=self.device)
+        _, V = self.dense(items=self.tables(ids))
+        return V
+
+    def forward(self, batch: dict, item_ids: torch.Tensor | None = None):
+        """(u [b, N], V [n, N]): users of ``batch`` and items ``item_ids`` (all when None)."""
+        if item_ids is None:
+            item_ids = torch.arange(self.num_items + 1, device=batch["item_seq"].device)
+        return self.dense(seq=SeqInput.from_batch(batch, self.tables(batch["item_seq"])),
+                          items=self.tables(item_ids))
+
+    def calculate_loss(self, batch: dict, loss: Literal["full", "inbatch"] = "full",
+                       mask_duplicates: bool = False) -> torch.Tensor:
+        """Cross-entropy at the last position: full softmax or in-batch softmax."""
+        if loss == "full":
+            u, V = self(batch)
+            return losses.full_softmax_ce(u, V, batch["target"], batch.get("weight"),
+                                          exclude_padding=not getattr(self.config, "rank_padding", False))
+        if loss == "inbatch":
+            u, V = self(batch, batch["target"])
+            return losses.inbatch_softmax_ce(u, V, batch.get("weight"),
+                                             targets=batch["target"] if mask_duplicates else None)
+        raise ValueError(f"loss must be 'full' or 'inbatch', got {loss!r}")
+
+    @torch.no_grad()
+    def full_sort_predict(self, batch: dict) -> torch.Tensor:
+        """Scores of every item, [b, num_items + 1]; column 0 (padding) is -inf."""
+        u, V = self(batch)
+        scores = u @ V.T
+        if not getattr(self.config, "rank_padding", False):
+            scores[:, 0] = float("-inf")
+        return scores
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- transfer ----------------------------------------------------------------
+    def transferable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense weights: adapters and blocks, not the per-domain item tables."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.dense.state_dict().items()}
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self.transferable_state_dict(), str(out / "model.safetensors"))
+        cfg = dataclasses.asdict(self.config)
+        (out / "config.json").write_text(json.dumps({"model_type": self.model_type, "config": cfg}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "SeqRecModel":
+        """Load an export (``model.safetensors`` + ``config.json``); ``overrides`` set config
+        fields for the new domain (``num_items``, ``use_id``, dropout ...)."""
+        path = Path(path)
+        cfg, state = read_export(path)
+        if cfg["model_type"] != cls.model_type:
+            raise ConfigError(f"{path}: export holds a {cfg['model_type']} model, not {cls.model_type}")
+        config = from_dict(cls.config_cls, {**cfg["config"], **overrides})
+        model = cls(config)
+        model.load_transferable(state, source=str(path))
+        return model
+
+    def load_transferable(self, state: dict[str, torch.Tensor], source: str = "export") -> None:
+        """Load dense weights, failing with the full list of shape/key mismatches."""
+        own = self.dense.state_dict()
+        problems = [f"  {k}: export {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in state.items() if k in own and own[k].shape != v.shape]
+        problems += [f"  {k}: missing in the export" for k in own if k not in state]
+        problems += [f"  {k}: not in the model" for k in state if k not in own]
+        if problems:
+            raise ConfigError(f"{source}: incompatible with the model config:\n" + "\n".join(problems))
+        self.dense.load_state_dict(state)
+
+
+def read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read ``config.json`` + ``model.safetensors`` (no pickle anywhere)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for f in ("config.json", "model.safetensors"):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path}: not an export (missing {f})")
+    cfg = json.loads((path / "config.json").read_text())
+    return cfg, load_file(str(path / "model.safetensors"))

@@ -1,0 +1,162 @@
+"""MMM4Rec (spec ``mmm4rec-model.md`` sections 1-6).
+
+b batch, L = max_len, N hidden, H heads, d_t / d_v text / image feature dims.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import fourier_filter
+from .base import SeqInput, SeqRecModel, TableSpec
+from .configs import MMM4RecConfig
+from .layers import ComplexLinear, FeedForward
+from .tissd import TiCoSSD, TiSSD, init_weights
+
+MODALITIES = ("text", "image")
+
+
+class MMM4RecLayer(nn.Module):
+    """TiSSDLayer (text, with FFN) + vision branch on the SAME TiSSD + filter + TiCoSSDLayer."""
+
+    def __init__(self, cfg: MMM4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        N, eps = cfg.hidden_size, cfg.norm_eps
+        self.tissd = TiSSD(cfg)                       # shared by both branches
+        self.drop = nn.Dropout(cfg.dropout_prob)
+        self.norm_t = nn.LayerNorm(N, eps=eps)
+        self.ffn_t = FeedForward(N, cfg.inner_size, cfg.dropout_prob, eps) if cfg.is_ffn else None
+        self.norm_v = nn.LayerNorm(N, eps=eps)
+        # dual-channel Fourier adaptive filter
+        self.cl_a = ComplexLinear(cfg.n_freq)
+        self.cl_b = ComplexLinear(cfg.n_freq)
+        self.cl_c = ComplexLinear(cfg.n_freq)
+        self.ticossd = TiCoSSD(cfg)
+        self.norm_c = nn.LayerNorm(N, eps=eps)
+        self.ffn_c = FeedForward(N, cfg.inner_size, cfg.dropout_prob, eps)
+
+    def forward(self, x_t, x_v, d_t, d_v):
+        """x_t, x_v [b, L, N]; d_t, d_v [b, H, L] (None when is_time is off)."""
+        y_t, d_t2 = self.tissd(x_t, d_t)
+        p_t = self.norm_t(self.drop(y_t) + x_t)
+        if self.ffn_t is not None:
+            p_t = self.ffn_t(p_t)
+        y_v, d_v2 = self.tissd(x_v, d_v)
+        h_v = self.norm_v(self.drop(y_v) + x_v)
+        d_f = None
+        if self.cfg.is_time:
+            d_f = fourier_filter(d_t2, d_v2, self.cl_a.params(), self.cl_b.params(), self.cl_c.params())
+        y = self.ticossd(p_t, h_v, d_f)
+        y = self.ffn_c(self.norm_c(self.drop(y) + h_v + p_t))
+        return p_t, y, d_t2, d_v2
+
+
+class MMM4RecDense(nn.Module):
+    """The transferable part: adapters, time norm, layers, shared fusion weight.
+
+    forward(seq: SeqInput | None, items: rows | None) -> (u [b, N] | None, V [n, N] | None)
+    rows: ``text`` [..., d_t], ``image`` [..., d_v], ``modality_mask`` [..., 2] (1 = present),
+    optional ``id_text`` / ``id_image`` [..., N] (ID term) and ``fusion`` [..., 2].
+    """
+
+    def __init__(self, cfg: MMM4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        N = cfg.hidden_size
+        self.adapter = nn.ModuleDict({"text": nn.Linear(cfg.text_dim, N), "image": nn.Linear(cfg.image_dim, N)})
+        self.emb_drop = nn.Dropout(cfg.embedding_drop_prob)
+        self.input_norm = nn.ModuleDict({m: nn.LayerNorm(N, eps=cfg.norm_eps) for m in MODALITIES})
+        if cfg.is_time:
+            self.time_drop = nn.Dropout(cfg.time_dropout_prob)
+            self.time_norm = nn.LayerNorm(cfg.max_len, eps=cfg.norm_eps)   # over the length axis
+        self.layers = nn.ModuleList([MMM4RecLayer(cfg) for _ in range(cfg.num_layers)])
+        if cfg.item_mm_fusion == "dynamic_shared":
+            self.fusion = nn.Parameter(torch.zeros(2))
+        self.apply(lambda m: init_weights(m, cfg.init_range))
+
+    # --- items -------------------------------------------------------------------
+    def adapt(self, rows: dict[str, torch.Tensor], m: int) -> torch.Tensor:
+        """a_m(i) = mask * (W_m f_m(i) + b_m) [+ E_m(i)]: [..., N]. Missing modality -> 0."""
+        name = MODALITIES[m]
+        a = self.adapter[name](rows[name]) * rows["modality_mask"][..., m:m + 1]
+        id_name = f"id_{name}"
+        if self.cfg.use_id:
+            a = a + rows[id_name]
+        return a
+
+    def item_vectors(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """V_i = (w_t e_t(i) + w_v e_v(i)) / tau, with e_m = a_m / ||a_m||: [n, N]."""
+        e_t = F.normalize(self.adapt(rows, 0), dim=-1)
+        e_v = F.normalize(self.adapt(rows, 1), dim=-1)
+        mode = self.cfg.item_mm_fusion
+        if mode == "static":
+            v = e_t + e_v
+        else:
+            logits = self.fusion if mode == "dynamic_shared" else rows["fusion"]
+            w = torch.softmax(logits, dim=-1)
+            v = w[..., 0:1] * e_t + w[..., 1:2] * e_v
+        return v / self.cfg.temperature
+
+    # --- users -------------------------------------------------------------------
+    def time_signal(self, seq: SeqInput) -> torch.Tensor:
+        """d_1 = 0, d_l = ts_l - ts_{l-1} over the history (0 in padding): [b, L] float32.
+
+        With ``time_leak`` (the release's quirk) the target's timestamp sits in the slot
+        after a short history and deltas run over the raw, unmasked sequence.
+        """
+        t = seq.time_seq.to(torch.float64)
+        L = t.shape[1]
+        pos = torch.arange(L, device=t.device)
+        lens = seq.item_seq_len
+        if self.cfg.time_leak and seq.target_time is not None:
+            slot = (pos[None, :] == lens[:, None]) & (lens[:, None] < L)
+            t = torch.where(slot, seq.target_time.to(torch.float64)[:, None], t)
+            d = torch.diff(t, dim=1, prepend=t[:, :1])
+        else:
+            d = torch.diff(t, dim=1, prepend=t[:, :1]) * (pos[None, :] < lens[:, None])
+        return d.to(torch.float32)
+
+    def user_vectors(self, seq: SeqInput) -> torch.Tensor:
+        cfg = self.cfg
+        x = [self.input_norm[m](self.emb_drop(self.adapt(seq.rows, i))) for i, m in enumerate(MODALITIES)]
+        d = [None, None]
+        if cfg.is_time:
+            delta = self.time_signal(seq)
+            # each branch its own dropout mask, one LayerNorm over L, repeated per head
+            d = [self.time_norm(self.time_drop(delta)).unsqueeze(1).expand(-1, cfg.n_heads, -1).contiguous()
+                 for _ in MODALITIES]
+        x_t, x_v = x
+        for layer in self.layers:
+            x_t, x_v, d[0], d[1] = layer(x_t, x_v, d[0], d[1])
+        last = (seq.item_seq_len - 1).clamp(min=0)
+        return x_v[torch.arange(x_v.shape[0], device=x_v.device), last]
+
+    def forward(self, seq: SeqInput | None = None, items: dict[str, torch.Tensor] | None = None):
+        u = self.user_vectors(seq) if seq is not None else None
+        v = self.item_vectors(items) if items is not None else None
+        return u, v
+
+
+class MMM4Rec(SeqRecModel):
+    """MMM4Rec: ``tables`` (frozen features, masks, ID term) + ``dense`` (transferable)."""
+
+    model_type = "mmm4rec"
+    config_cls = MMM4RecConfig
+
+    def __init__(self, config: MMM4RecConfig):
+        super().__init__(config)
+        self.dense = MMM4RecDense(config)
+
+    def table_specs(self) -> list[TableSpec]:
+        c, n = self.config, self.config.num_items + 1
+        specs = [TableSpec("text", n, c.text_dim, "feature"),
+                 TableSpec("image", n, c.image_dim, "feature"),
+                 TableSpec("modality_mask", n, 2, "feature")]
+        if c.use_id:   # E_t, E_v: zero-initialised, per domain, never transferred
+            specs += [TableSpec("id_text", n, c.hidden_size, "trainable"),
+                      TableSpec("id_image", n, c.hidden_size, "trainable")]
+        if c.item_mm_fusion == "dynamic_instance":
+            specs.append(TableSpec("fusion", n, 2, "trainable"))
+        return specs

@@ -1,0 +1,123 @@
+"""TiSSD (time-aware SSD, spec section 4) and TiCoSSD (Cross-SSD, section 5).
+
+Shapes: b batch, L = max_len, N hidden, E = expand*N, H heads of width P,
+G groups, S state size. Time signals D are [b, H, L].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import ssd
+from ..kernels.ssd_ref import ssd_quadratic_ref
+from .configs import MMM4RecConfig
+from .layers import CausalDepthwiseConv, GatedRMSNorm, TimeBranch
+
+
+class _SSDCore(nn.Module):
+    """Per-head SSD parameters (A, D skip, dt bias), the scan, gated norm and out proj."""
+
+    def __init__(self, cfg: MMM4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.n_heads
+        # release init: dt0 log-uniform in [1e-3, 1e-1], floored at 1e-4; dt_bias = softplus^-1(dt0)
+        dt0 = torch.exp(torch.rand(H) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt0 + torch.log(-torch.expm1(-dt0)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(cfg.d_inner, cfg.rmsnorm_eps)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size)
+
+    def scan(self, xs, dt, B, C, z):
+        """xs [b,L,E], dt [b,L,H] (pre-softplus), B/C [b,L,G*S], z [b,L,E] -> [b,L,N]."""
+        cfg = self.cfg
+        b, L, _ = xs.shape
+        args = (
+            xs.reshape(b, L, cfg.n_heads, cfg.head_dim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, L, cfg.n_groups, cfg.d_state), C.reshape(b, L, cfg.n_groups, cfg.d_state),
+            self.D, self.dt_bias,
+        )
+        if cfg.ssd_form == "quadratic":
+            y = ssd_quadratic_ref(*args)
+        else:
+            y = ssd(*args, chunk_size=cfg.chunk_size)
+        return self.out_proj(self.norm(y.reshape(b, L, cfg.d_inner), z))
+
+
+class TiSSD(nn.Module):
+    """Time-aware SSD block. ONE instance serves both modality branches.
+
+    forward(X [b, L, N], D [b, H, L]) -> (Y [b, L, N], D_out [b, H, L])
+    """
+
+    def __init__(self, cfg: MMM4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * E + 2 * GS + H)
+        self.conv = CausalDepthwiseConv(E + 2 * GS, cfg.d_conv)
+        self.core = _SSDCore(cfg)
+        if cfg.is_time:
+            self.time = TimeBranch(cfg.max_len, H, cfg.d_conv, cfg.time_dropout_prob)
+            self.gate_drop = nn.Dropout(cfg.time_dropout_prob)
+            self.gate = nn.Linear(cfg.max_len, 1)
+            self.time_norm = nn.LayerNorm(cfg.max_len, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, d: torch.Tensor | None):
+        cfg = self.cfg
+        E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
+        z, xbc, dt = torch.split(self.in_proj(x), [E, E + 2 * GS, H], dim=-1)
+        xs, B, C = torch.split(self.conv(xbc), [E, GS, GS], dim=-1)
+        d_out = d
+        if cfg.is_time:
+            T = self.time(d)                                   # [b, H, L]
+            dt = dt * T.transpose(1, 2)
+            g = torch.sigmoid(self.gate(self.gate_drop(d)))    # [b, H, 1]
+            d_out = self.time_norm(g * d + (1 - g) * T)
+        return self.core.scan(xs, dt, B, C, z), d_out
+
+
+class TiCoSSD(nn.Module):
+    """Cross-SSD: Xs, B, dt from the text stream; C from the vision stream; gate from both.
+
+    forward(P_t [b, L, N], H_v [b, L, N], D_f [b, H, L] | None) -> [b, L, N]
+    """
+
+    def __init__(self, cfg: MMM4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
+        self.text_proj = nn.Linear(cfg.hidden_size, E + GS + H)     # Xs, B, dt
+        self.vision_proj = nn.Linear(cfg.hidden_size, GS)           # C
+        self.gate_proj = nn.Linear(cfg.hidden_size, E)              # Z from H_v + P_t
+        self.conv_xb = CausalDepthwiseConv(E + GS, cfg.d_conv)
+        self.conv_c = CausalDepthwiseConv(GS, cfg.d_conv)
+        self.core = _SSDCore(cfg)
+        if cfg.is_time:
+            self.time = TimeBranch(cfg.max_len, H, cfg.d_conv, cfg.time_dropout_prob)
+
+    def forward(self, p_t: torch.Tensor, h_v: torch.Tensor, d_f: torch.Tensor | None):
+        cfg = self.cfg
+        E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
+        xb, dt = torch.split(self.text_proj(p_t), [E + GS, H], dim=-1)
+        xs, B = torch.split(self.conv_xb(xb), [E, GS], dim=-1)
+        C = self.conv_c(self.vision_proj(h_v))
+        z = self.gate_proj(h_v + p_t)
+        if cfg.is_time:
+            dt = dt * self.time(d_f).transpose(1, 2)
+        return self.core.scan(xs, dt, B, C, z)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Release init: every Linear N(0, std) with zero bias; LayerNorm 1/0; convs default."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

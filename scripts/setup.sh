@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Set up MMM4Rec's Python environment in ./.venv (idempotent).
+#
+#   scripts/setup.sh            runtime deps + the package (quickstart)
+#   scripts/setup.sh --dev      + test deps, moto S3 server, Slurm/munge (Debian)
+#
+# Install order matters on a CPU machine (docs/install.md):
+#   1. torch 2.13.0 CPU build first; a constraints file pins it for every later step
+#   2. fbgemm-gpu-cpu 1.8.0 (the one build that loads against torch 2.13.0)
+#   3. torchrec 1.8.0 with --no-deps (its metadata asks for CUDA fbgemm-gpu)
+#   4. everything else from pyproject.toml, under the constraints
+# GPU clusters: see docs/install.md (bring your CUDA torch, then `pip install -e .[gpu]`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0
+for a in "$@"; do
+  case "$a" in
+    --dev) DEV=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+VENV=${MMM4REC_VENV:-.venv}
+STAMP="$VENV/.mmm4rec-setup-$(cat pyproject.toml scripts/setup.sh scripts/constraints-cpu.txt | sha256sum | cut -c1-16)-$DEV"
+if [ -f "$STAMP" ]; then
+  echo "[setup] $VENV is up to date"
+else
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+  C="-c scripts/constraints-cpu.txt"
+  echo "[setup] torch (CPU build)"
+  $PIP "torch==2.13.0"
+  echo "[setup] fbgemm-gpu-cpu + torchrec (no-deps)"
+  $PIP $C "fbgemm-gpu-cpu==1.8.0"
+  $PIP $C --no-deps "torchrec==1.8.0"
+  echo "[setup] mmm4rec and its dependencies"
+  if [ "$DEV" = 1 ]; then EXTRAS="[s3,dev]"; else EXTRAS="[s3]"; fi
+  DS_BUILD_OPS=0 $PIP $C -e ".$EXTRAS"
+  "$VENV/bin/python" - <<'PY'
+import torch, sys
+if "+cpu" not in torch.__version__ and not torch.cuda.is_available():
+    sys.exit(f"[setup] torch {torch.__version__} is not the CPU build: the constraints were bypassed")
+import fbgemm_gpu, torchrec  # noqa: F401  (fails loudly on an fbgemm/torch mismatch)
+print(f"[setup] torch {torch.__version__}, torchrec {torchrec.__version__ if hasattr(torchrec,'__version__') else 'ok'}")
+PY
+  rm -f "$VENV"/.mmm4rec-setup-*
+  touch "$STAMP"
+fi
+if [ "$DEV" = 1 ] && ! command -v slurmctld >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] Slurm + munge from Debian packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  else
+    echo "[setup] not root or no apt-get: Slurm tests will skip (install slurm-wlm and munge yourself)" >&2
+  fi
+fi
