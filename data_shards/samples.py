@@ -86,3 +86,78 @@ def collate(samples: Sequence[dict], max_len: int, pad_to: int | None = None) ->
         "target_time": target_time,
         "weight": weight,
     }
+
+
+# --------------------------------------------------------------------------- vectorised twins
+# The streaming reader enumerates and batches samples with these; tests check them
+# against target_positions / expand / collate above.
+
+def num_samples_array(lengths: np.ndarray, split: str) -> np.ndarray:
+    """int64 [U]: ``num_samples(n, split)`` for every sequence length in ``lengths`` [U]."""
+    n = np.asarray(lengths, dtype=np.int64)
+    if split == "train":
+        return np.maximum(n - 3, 0)
+    if split == "valid":
+        return (n >= 3).astype(np.int64)
+    if split == "test":
+        return (n >= 2).astype(np.int64)
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def sample_index(lengths: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample of sequences with ``lengths`` [U], in (sequence, target) order.
+
+    Returns ``(seq, target)``, both int64 [S]: the sample's sequence and its 0-based
+    target index, exactly the order of ``expand`` over the sequences in turn.
+    """
+    n = np.asarray(lengths, dtype=np.int64)
+    k = num_samples_array(n, split)
+    seq = np.repeat(np.arange(len(n), dtype=np.int64), k)
+    if split == "train":
+        starts = np.cumsum(k) - k
+        target = np.arange(len(seq), dtype=np.int64) - np.repeat(starts, k) + 1
+    else:
+        target = n[seq] - (2 if split == "valid" else 1)
+    return seq, target
+
+
+def collate_index(items: np.ndarray, times: np.ndarray, offsets: np.ndarray, users: np.ndarray,
+                  seq: np.ndarray, target: np.ndarray, max_len: int, pad_to: int | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """``collate`` without building samples: gather histories straight from CSR sequences.
+
+    ``items`` int64 / ``times`` float64 [T] hold sequences back to back, sequence ``j``
+    at ``offsets[j]:offsets[j+1]`` with user index ``users[j]``; sample ``r`` of the
+    batch is target index ``target[r]`` of sequence ``seq[r]`` (both int64 [b]). Rows
+    ``b..pad_to-1`` are weight-0 padding, as in ``collate``.
+    """
+    b = len(seq)
+    rows = b if pad_to is None else max(pad_to, b)
+    hist_len = np.minimum(target, max_len)                      # [b]
+    start = offsets[seq] + target - hist_len                    # [b] first history item
+    j = np.arange(max_len)
+    valid = j[None, :] < hist_len[:, None]                      # [b, L]
+    idx = np.where(valid, start[:, None] + j[None, :], 0)
+    tgt = offsets[seq] + target
+    item_seq = np.zeros((rows, max_len), np.int64)
+    time_seq = np.zeros((rows, max_len), np.float64)
+    item_seq[:b] = np.where(valid, items[idx], 0)
+    time_seq[:b] = np.where(valid, times[idx], 0.0)
+    item_seq[b:, 0] = 1
+    out = {
+        "user": np.full(rows, -1, np.int64),
+        "item_seq": item_seq,
+        "time_seq": time_seq,
+        "item_seq_len": np.ones(rows, np.int64),
+        "target": np.ones(rows, np.int64),
+        "target_time": np.zeros(rows, np.float64),
+        "weight": np.zeros(rows, np.float32),
+    }
+    if b and (hist_len < 1).any():
+        raise ValueError(f"sample of user {int(users[seq][hist_len < 1][0])} has an empty history")
+    out["user"][:b] = users[seq]
+    out["item_seq_len"][:b] = hist_len
+    out["target"][:b] = items[tgt]
+    out["target_time"][:b] = times[tgt]
+    out["weight"][:b] = 1.0
+    return {k: torch.from_numpy(v) for k, v in out.items()}

@@ -128,6 +128,7 @@ def ssd_chunk_scan_ref(x, B, C, dt_hat, dA_cumsum, prev_states, D):
 def ssd_chunked_ref(x, dt, A, B, C, D, dt_bias, chunk_size: int = 64):
     """Chunked scan (linear in L); equals ``ssd_quadratic_ref``. Shapes in module doc."""
     bsz, L, H, P = x.shape
+    chunk_size = min(chunk_size, L)   # a chunk longer than the sequence only adds padding
     dt_hat, dA_cumsum = ssd_chunk_cumsum_ref(dt, A, dt_bias, chunk_size)
     xc = _chunk(x, chunk_size)
     Bc = _chunk(_expand_groups(B, H), chunk_size)

@@ -1,0 +1,59 @@
+"""``ShardsConfig``: the ``data:`` section of an experiment YAML (see ``mmm4rec/config.py``)."""
+from __future__ import annotations
+
+import dataclasses
+
+from mmm4rec.config import ConfigError
+
+__all__ = ["StorageConfig", "ShardsConfig"]
+
+
+@dataclasses.dataclass
+class StorageConfig:
+    """Object-store access. Unset fields fall back to the standard AWS variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ...).
+    Prefer the variables for credentials: a YAML file is easy to leak."""
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    token: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+    def to_options(self) -> dict:
+        """fsspec ``storage_options`` (only the fields that are set)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}
+
+
+@dataclasses.dataclass
+class ShardsConfig:
+    """Where the shards are and how :class:`~data_shards.SequenceLoader` streams them.
+
+    ``batch_size`` is per rank; ``eval_batch_size`` (default: ``batch_size``) is used for
+    valid/test. ``shuffle_buffer`` is in samples (per loader worker); ``num_workers`` 0
+    reads in the training process. ``verify_checksums`` hashes every shard on read.
+    """
+
+    url: str = ""
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    batch_size: int = 256
+    eval_batch_size: int | None = None
+    max_len: int = 20
+    num_workers: int = 2
+    shuffle: bool = True
+    shuffle_buffer: int = 20000
+    seed: int = 2020
+    drop_last: bool = False
+    verify_checksums: bool = True
+
+    def validate(self) -> None:
+        if not self.url:
+            raise ConfigError("url: required (a local path or an fsspec URL such as s3://bucket/prefix)")
+        for name in ("batch_size", "max_len", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")

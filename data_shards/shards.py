@@ -1,0 +1,270 @@
+"""WebDataset tar shards + ``manifest.json``: writing, reading, verifying.
+
+Layout under the output URL (paths in the manifest are relative to it, so a shard
+set can be copied between disk and S3 unchanged)::
+
+    manifest.json
+    sequences/seq-00000.tar     one record per user:  <key>.json
+    items/items-00000.tar       one record per block of item ids: <key>.{ids,text,text_mask,
+                                image,image_mask}.npy + <key>.meta.json
+
+A sequence record is ``{"user", "user_id", "domain", "items": [int], "times": [float]}``:
+the whole time-ordered sequence; the leave-one-out split is applied by the reader.
+See ``docs/data.md`` for the manifest schema.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import webdataset as wds
+from tqdm.auto import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .errors import ManifestError, ShardError
+from .interactions import InteractionData
+from .items import ItemTable
+from .samples import SPLITS, num_samples_array
+from .storage import Store
+
+__all__ = ["SCHEMA_VERSION", "build_shards", "read_manifest", "load_item_table", "read_shard_records",
+           "decode_sequence", "iter_sequences"]
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _tar_bytes(records: list[dict[str, bytes]]) -> bytes:
+    """Records (``__key__`` + extension -> bytes) as one reproducible tar (mtime 0)."""
+    buf = io.BytesIO()
+    writer = wds.TarWriter(buf, encoder=False, mtime=0)
+    for r in records:
+        writer.write(r)
+    writer.close()
+    return buf.getvalue()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sequence_record(data: InteractionData, u: int) -> dict[str, bytes]:
+    s = data.sequences[u]
+    rec = {"user": s.user, "user_id": s.user_id, "domain": s.domain,
+           "items": s.items.tolist(), "times": s.times.tolist()}
+    return {"__key__": f"u{u:09d}", "json": json.dumps(rec, separators=(",", ":")).encode()}
+
+
+def _item_record(items: ItemTable, lo: int, hi: int) -> dict[str, bytes]:
+    """Items ``lo..hi-1`` (ids, 1-based) as one record."""
+    rec = {
+        "__key__": f"i{lo:09d}",
+        "ids.npy": _npy(np.arange(lo, hi, dtype=np.int64)),
+        "text.npy": _npy(items.text[lo:hi]),
+        "text_mask.npy": _npy(items.text_mask[lo:hi]),
+        "image_mask.npy": _npy(items.image_mask[lo:hi]),
+        "meta.json": json.dumps({"item_ids": list(items.item_ids[lo:hi]), "item_text": list(items.item_text[lo:hi]),
+                                 "domain": list(items.domain[lo:hi])}, ensure_ascii=False).encode(),
+    }
+    if items.image is not None:
+        rec["image.npy"] = _npy(items.image[lo:hi])
+    return rec
+
+
+def _put(store: Store, rel: str, blob: bytes, **info) -> dict:
+    store.write(rel, blob)
+    return {"path": rel, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), **info}
+
+
+def build_shards(data: InteractionData, out_url: str, shard_size: int = 1000,
+                 storage_options: Mapping[str, Any] | None = None, *, items_per_shard: int = 20000,
+                 seed: int = 0, shuffle_users: bool = True, extra: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> dict:
+    """Write ``data`` as shards + ``manifest.json`` under ``out_url`` (any fsspec URL).
+
+    Args:
+        shard_size: users per sequence shard.
+        items_per_shard: items per item-table shard.
+        seed / shuffle_users: users are spread over shards in a seeded random order, so
+            that every shard is a sample of all users (and of all domains of a mix).
+        extra: stored as ``manifest["build"]["extra"]`` (e.g. a recipe fingerprint).
+
+    Returns:
+        The manifest (also written, last, so a crashed build leaves no manifest).
+    """
+    if shard_size < 1 or items_per_shard < 1:
+        raise ValueError(f"shard_size ({shard_size}) and items_per_shard ({items_per_shard}) must be >= 1")
+    store = Store(out_url, storage_options)
+    seqs, items = data.sequences, data.items
+    lengths = seqs.lengths
+    order = np.random.default_rng(seed).permutation(len(seqs)) if shuffle_users else np.arange(len(seqs))
+    n_seq = -(-len(seqs) // shard_size)
+    n_item = -(-items.num_items // items_per_shard)
+    seq_shards, item_shards = [], []
+    with tqdm(total=n_seq + n_item, desc=f"writing shards to {store.url}", unit="shard", disable=not progress) as bar:
+        for k in range(n_seq):
+            users = order[k * shard_size:(k + 1) * shard_size]
+            blob = _tar_bytes([_sequence_record(data, int(u)) for u in users])
+            seq_shards.append(_put(
+                store, f"sequences/seq-{k:05d}.tar", blob, users=len(users),
+                interactions=int(lengths[users].sum()),
+                samples={s: int(num_samples_array(lengths[users], s).sum()) for s in SPLITS}))
+            bar.update()
+        for k in range(n_item):
+            lo, hi = 1 + k * items_per_shard, 1 + min((k + 1) * items_per_shard, items.num_items)
+            blob = _tar_bytes([_item_record(items, lo, hi)])
+            item_shards.append(_put(store, f"items/items-{k:05d}.tar", blob, first_item=lo, num_items=hi - lo))
+            bar.update()
+
+    def feature(modality: str):
+        dim = getattr(items, f"{modality}_dim")
+        return {"dim": dim, "dtype": "float32", "encoder": getattr(items, f"{modality}_encoder"),
+                "present": int(getattr(items, f"{modality}_mask").sum())}
+
+    meta = data.meta.to_dict()
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "name": data.meta.name,
+        "num_users": len(seqs),
+        "num_items": items.num_items,
+        "num_interactions": seqs.num_interactions,
+        "time_source": data.meta.time_source,
+        "splits": {"scheme": "leave_one_out",
+                   **{s: {"users": int((num_samples_array(lengths, s) > 0).sum()),
+                          "samples": sum(sh["samples"][s] for sh in seq_shards)} for s in SPLITS}},
+        "features": {"text": feature("text"), "image": feature("image")},
+        "dataset": meta,
+        "sequences": {"record": "<key>.json: {user, user_id, domain, items: [int 1..num_items], times: [float]}",
+                      "shards": seq_shards},
+        "items": {"record": "<key>.{ids,text,text_mask,image,image_mask}.npy + <key>.meta.json",
+                  "shards": item_shards},
+        "build": {"shard_size": shard_size, "items_per_shard": items_per_shard, "seed": seed,
+                  "shuffle_users": shuffle_users, "extra": dict(extra or {})},
+    }
+    store.write(MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+    return manifest
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_manifest(url: str, storage_options: Mapping[str, Any] | None = None, *, store: Store | None = None) -> dict:
+    """Load and check ``<url>/manifest.json`` (schema version, required keys)."""
+    store = store or Store(url, storage_options)
+    where = store.display(MANIFEST)
+    try:
+        raw = store.read(MANIFEST)
+    except ShardError:
+        raise ManifestError(where, "missing manifest (not a shard set, or its build did not finish)") from None
+    try:
+        m = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(where, f"not valid JSON: {e}") from None
+    if not isinstance(m, dict) or not isinstance(m.get("schema_version"), int):
+        raise ManifestError(where, "no integer 'schema_version'")
+    if m["schema_version"] > SCHEMA_VERSION:
+        raise ManifestError(where, f"schema_version {m['schema_version']} is newer than this reader supports "
+                                   f"({SCHEMA_VERSION}); upgrade data_shards to read it")
+    for key in ("num_items", "sequences", "items", "features", "splits"):
+        if key not in m:
+            raise ManifestError(where, f"missing key {key!r}")
+    return m
+
+
+def read_shard_records(store: Store, entry: Mapping[str, Any], verify: bool = True) -> list[dict[str, bytes]]:
+    """All records of one shard (``entry`` from the manifest), checked against it.
+
+    Checks the sha256 (``verify``) and, always, that the tar parses to the end; errors
+    name the shard URL and the member.
+    """
+    where = store.display(entry["path"])
+    blob = store.read(entry["path"])
+    if verify:
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != entry["sha256"]:
+            raise ShardError(where, f"checksum mismatch: sha256 {digest} but the manifest says {entry['sha256']} "
+                                    f"({len(blob)} bytes, manifest {entry.get('bytes')})")
+
+    def raise_(exn: Exception) -> bool:
+        raise ShardError(where, f"truncated or corrupt tar: {exn}") from exn
+
+    try:
+        records = list(group_by_keys(tar_file_iterator(io.BytesIO(blob), handler=raise_), handler=raise_))
+    except (tarfile.TarError, EOFError, ValueError) as e:
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(where, f"truncated or corrupt tar: {e}") from None
+    expected = entry.get("users")
+    if expected is not None and len(records) != expected:
+        raise ShardError(where, f"truncated shard: {len(records)} records, the manifest says {expected}")
+    return records
+
+
+def decode_sequence(rec: Mapping[str, bytes], where: str) -> dict:
+    """A sequence record -> ``{"user", "user_id", "domain", "items": int64 [n], "times": float64 [n]}``."""
+    try:
+        d = json.loads(rec["json"])
+        d["items"] = np.asarray(d["items"], dtype=np.int64)
+        d["times"] = np.asarray(d["times"], dtype=np.float64)
+        if d["items"].shape != d["times"].shape or d["items"].ndim != 1:
+            raise ValueError(f"items {d['items'].shape} and times {d['times'].shape} differ")
+        int(d["user"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ShardError(f"{where}:{rec.get('__key__')}", f"bad sequence record: {e!r}") from None
+    return d
+
+
+def _load_npy(rec: Mapping[str, bytes], key: str, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(rec[key]), allow_pickle=False)
+    except (KeyError, ValueError) as e:
+        raise ShardError(f"{where}:{rec.get('__key__')}.{key}", f"bad item record: {e!r}") from None
+
+
+def load_item_table(url: str, storage_options: Mapping[str, Any] | None = None, *, verify: bool = True) -> ItemTable:
+    """The whole :class:`ItemTable` of a shard set (checksums verified unless ``verify=False``)."""
+    store = Store(url, storage_options)
+    m = read_manifest(url, store=store)
+    n = m["num_items"]
+    feats = m["features"]
+    text = np.zeros((n + 1, feats["text"]["dim"]), np.float32)
+    image = np.zeros((n + 1, feats["image"]["dim"]), np.float32) if feats["image"]["dim"] else None
+    text_mask, image_mask = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    item_ids, item_text, domain = [""] * (n + 1), [""] * (n + 1), [""] * (n + 1)
+    seen = np.zeros(n + 1, bool)
+    for entry in m["items"]["shards"]:
+        where = store.display(entry["path"])
+        for rec in read_shard_records(store, entry, verify):
+            ids = _load_npy(rec, "ids.npy", where)
+            if ids.size and (ids.min() < 1 or ids.max() > n):
+                raise ShardError(f"{where}:{rec['__key__']}", f"item ids outside 1..{n}")
+            text[ids] = _load_npy(rec, "text.npy", where)
+            text_mask[ids] = _load_npy(rec, "text_mask.npy", where)
+            image_mask[ids] = _load_npy(rec, "image_mask.npy", where)
+            if image is not None:
+                image[ids] = _load_npy(rec, "image.npy", where)
+            meta = json.loads(rec["meta.json"])
+            for i, a, b, c in zip(ids.tolist(), meta["item_ids"], meta["item_text"], meta["domain"]):
+                item_ids[i], item_text[i], domain[i] = a, b, c
+            seen[ids] = True
+    if not seen[1:].all():
+        raise ShardError(store.url, f"item shards miss {int((~seen[1:]).sum())} of {n} items")
+    return ItemTable(text=text, text_mask=text_mask, image=image, image_mask=image_mask, item_ids=item_ids,
+                     item_text=item_text, domain=domain, text_encoder=feats["text"]["encoder"],
+                     image_encoder=feats["image"]["encoder"])
+
+
+def iter_sequences(url: str, storage_options: Mapping[str, Any] | None = None, *,
+                   verify: bool = True) -> Iterator[dict]:
+    """Every sequence record of a shard set, in shard order (for inspection and tests)."""
+    store = Store(url, storage_options)
+    for entry in read_manifest(url, store=store)["sequences"]["shards"]:
+        where = store.display(entry["path"])
+        for rec in read_shard_records(store, entry, verify):
+            yield decode_sequence(rec, where)
+

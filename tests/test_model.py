@@ -1,0 +1,292 @@
+"""Foundation tests: the MMM4Rec model against its spec (all on CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmm4rec import MMM4Rec, MMM4RecConfig, SASRec, SASRecConfig
+from mmm4rec.config import ConfigError, from_dict
+from mmm4rec.kernels.ssd_ref import ssd_chunked_ref, ssd_quadratic_ref
+from mmm4rec.losses import full_softmax_ce, inbatch_softmax_ce
+
+
+def n_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def tiny_cfg(**kw) -> MMM4RecConfig:
+    base = dict(hidden_size=32, inner_size=32, d_state=16, n_groups=2, head_dim=16, expand=2,
+                chunk_size=8, max_len=12, text_dim=24, image_dim=20, num_items=50,
+                dropout_prob=0.0, embedding_drop_prob=0.0, time_dropout_prob=0.0)
+    base.update(kw)
+    return MMM4RecConfig(**base)
+
+
+def random_batch(cfg, b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = cfg.max_len
+    lens = torch.randint(1, L + 1, (b,), generator=g)
+    lens[0] = L
+    items = torch.randint(1, cfg.num_items + 1, (b, L), generator=g)
+    times = torch.cumsum(torch.rand(b, L, generator=g, dtype=torch.float64) * 1e5, 1) + 1.5e9
+    pos = torch.arange(L)
+    pad = pos[None] >= lens[:, None]
+    items[pad] = 0
+    times[pad] = 0
+    return {"item_seq": items, "time_seq": times, "item_seq_len": lens,
+            "target": torch.randint(1, cfg.num_items + 1, (b,), generator=g),
+            "target_time": times.max(1).values + 100.0, "weight": torch.ones(b)}
+
+
+def with_features(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = model.num_items + 1
+    c = model.config
+    mask = torch.ones(n, 2)
+    mask[0] = 0
+    mask[5:10, 1] = 0  # some items have no image
+    model.tables.load_features({"text": torch.randn(n, c.text_dim, generator=g),
+                                "image": torch.randn(n, c.image_dim, generator=g), "modality_mask": mask})
+    return model
+
+
+def loud_time(model):
+    """At the release init the time path is nearly silent (Tanhshrink of N(0, 0.02)
+    weights is cubic-small); give its Linear(L, L) layers weight so its effect shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".time.lin" in name and name.endswith("weight"):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+# --- parameter counts (spec section 7) -------------------------------------------------
+@pytest.mark.parametrize("layers,expected", [(1, 1_999_085), (2, 3_603_378)])
+def test_parameter_count_matches_paper(layers, expected):
+    model = MMM4Rec(MMM4RecConfig(num_layers=layers, num_items=10))
+    assert n_trainable(model) == expected
+
+
+def test_id_term_adds_two_tables():
+    base = n_trainable(MMM4Rec(MMM4RecConfig(num_items=1000)))
+    with_id = n_trainable(MMM4Rec(MMM4RecConfig(num_items=1000, use_id=True)))
+    assert with_id - base == 2 * (1000 + 1) * 256
+
+
+def test_frozen_features_are_not_trainable():
+    model = MMM4Rec(tiny_cfg())
+    assert not model.tables.tables["text"].weight.requires_grad
+    assert not model.tables.tables["image"].weight.requires_grad
+
+
+# --- the algebraic constraint: one TiSSD for both modalities ------------------------------
+def test_tissd_is_shared_and_receives_gradients_from_both_branches():
+    torch.manual_seed(0)
+    model = with_features(MMM4Rec(tiny_cfg(num_layers=2)))
+    calls = []
+    for layer in model.dense.layers:
+        layer.tissd.register_forward_hook(lambda m, i, o: calls.append(id(m)))
+    # each layer owns exactly one TiSSD object, called twice (text, then vision)
+    batch = random_batch(model.config)
+    model.calculate_loss(batch).backward()
+    for layer in model.dense.layers:
+        assert calls.count(id(layer.tissd)) == 2
+    tissd_params = {id(p) for p in model.dense.layers[0].tissd.parameters()}
+    owners = [n for n, p in model.named_parameters() if id(p) in tissd_params]
+    assert all(n.startswith("dense.layers.0.tissd.") for n in owners)
+
+    def grad_of_tissd(new_text, new_image):
+        m = with_features(MMM4Rec(tiny_cfg(num_layers=1)))
+        m.load_state_dict(model0.state_dict(), strict=False)
+        g = torch.Generator().manual_seed(99)
+        for name, fresh in (("text", new_text), ("image", new_image)):
+            if fresh:
+                w = m.tables.tables[name].weight
+                w.data = torch.randn(w.shape, generator=g)
+        m.calculate_loss(batch).backward()
+        return m.dense.layers[0].tissd.in_proj.weight.grad.clone()
+
+    torch.manual_seed(1)
+    model0 = with_features(MMM4Rec(tiny_cfg(num_layers=1)))
+    g = grad_of_tissd(False, False)
+    assert g.abs().sum() > 0
+    # new image features alone change the TiSSD gradient (the vision branch reaches it),
+    # and so do new text features alone (the text branch reaches it)
+    assert not torch.allclose(g, grad_of_tissd(False, True))
+    assert not torch.allclose(g, grad_of_tissd(True, False))
+
+
+# --- quadratic vs chunked SSD ---------------------------------------------------------------
+def _ssd_inputs(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    b = int(torch.randint(1, 4, (1,), generator=g))
+    L = int(torch.randint(2, 70, (1,), generator=g))
+    G = int(torch.randint(1, 3, (1,), generator=g))
+    H = G * int(torch.randint(1, 3, (1,), generator=g))
+    P = int(torch.randint(2, 9, (1,), generator=g))
+    S = int(torch.randint(2, 9, (1,), generator=g))
+    Q = int(torch.randint(2, 33, (1,), generator=g))
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    ts = [r(b, L, H, P), r(b, L, H), -torch.rand(H, generator=g, dtype=dtype) * 2 - 0.1,
+          r(b, L, G, S), r(b, L, G, S), r(H), r(H)]
+    return [t.requires_grad_() for t in ts], Q
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("seed", range(6))
+def test_quadratic_and_chunked_ssd_agree(dtype, tol, seed):
+    inputs, Q = _ssd_inputs(dtype, seed)
+    L = inputs[0].shape[1]
+    y1 = ssd_quadratic_ref(*inputs)
+    y2 = ssd_chunked_ref(*inputs, chunk_size=Q)
+    scale = y1.abs().max().clamp(min=1)
+    assert ((y1 - y2).abs().max() / scale) < tol, f"L={L} Q={Q}"
+    gy = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, inputs, gy)
+    g2 = torch.autograd.grad(y2, inputs, gy)
+    for name, a, c in zip(["x", "dt", "A", "B", "C", "D", "dt_bias"], g1, g2):
+        assert ((a - c).abs().max() / a.abs().max().clamp(min=1)) < tol * 10, name
+
+
+def test_chunked_ssd_length_not_multiple_of_chunk_in_model():
+    torch.manual_seed(0)
+    m1 = with_features(MMM4Rec(tiny_cfg(max_len=13, chunk_size=4)))
+    m2 = with_features(MMM4Rec(tiny_cfg(max_len=13, chunk_size=4, ssd_form="quadratic")))
+    m2.load_state_dict(m1.state_dict())
+    batch = random_batch(m1.config)
+    assert torch.allclose(m1.user_vector(batch), m2.user_vector(batch), atol=1e-5)
+
+
+# --- padding and the protocol flags -----------------------------------------------------------
+def test_positions_after_last_item_do_not_change_user_vector():
+    torch.manual_seed(0)
+    model = loud_time(with_features(MMM4Rec(tiny_cfg(num_layers=2))).eval())
+    batch = random_batch(model.config, b=6)
+    u = model.user_vector(batch)
+    garbage = {k: v.clone() for k, v in batch.items()}
+    L = model.config.max_len
+    pad = torch.arange(L)[None] >= batch["item_seq_len"][:, None]
+    garbage["item_seq"][pad] = torch.randint(1, 50, (int(pad.sum()),))
+    garbage["time_seq"][pad] = torch.rand(int(pad.sum()), dtype=torch.float64) * 1e9
+    garbage["target_time"] = batch["target_time"] * 3
+    assert torch.allclose(u, model.user_vector(garbage), atol=1e-6)
+
+
+def test_time_leak_flag_reproduces_the_release_quirk():
+    torch.manual_seed(0)
+    model = loud_time(with_features(MMM4Rec(tiny_cfg(time_leak=True))).eval())
+    batch = random_batch(model.config, b=6)
+    moved = dict(batch, target_time=batch["target_time"] + 7e6)
+    short = batch["item_seq_len"] < model.config.max_len
+    diff = (model.user_vector(batch) - model.user_vector(moved)).abs().sum(1)
+    assert (diff[short] > 1e-6).all()          # the target's time leaks into short histories
+    assert (diff[~short] < 1e-6).all()
+
+
+def test_padding_item_is_not_ranked_by_default():
+    model = with_features(MMM4Rec(tiny_cfg())).eval()
+    scores = model.full_sort_predict(random_batch(model.config))
+    assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+    leak = with_features(MMM4Rec(tiny_cfg(rank_padding=True))).eval()
+    assert torch.isfinite(leak.full_sort_predict(random_batch(leak.config))).all()
+
+
+def test_missing_image_contributes_nothing_to_item_vector():
+    model = with_features(MMM4Rec(tiny_cfg())).eval()
+    rows = model.tables(torch.tensor([6]))   # item 6 has no image
+    e_t = torch.nn.functional.normalize(model.dense.adapt(rows, 0), dim=-1)
+    v = model.item_vectors(torch.tensor([6]))
+    assert torch.allclose(v, e_t / model.config.temperature, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["static", "dynamic_shared", "dynamic_instance"])
+@pytest.mark.parametrize("use_id", [False, True])
+def test_fusion_modes_and_id_term_train(fusion, use_id):
+    torch.manual_seed(0)
+    model = with_features(MMM4Rec(tiny_cfg(item_mm_fusion=fusion, use_id=use_id)))
+    batch = random_batch(model.config)
+    for loss in ("full", "inbatch"):
+        value = model.calculate_loss(batch, loss)
+        value.backward()
+        assert torch.isfinite(value)
+    if use_id:  # the ID term starts at zero and gets gradients
+        assert model.tables.tables["id_text"].weight.grad.abs().sum() > 0
+
+
+# --- losses ------------------------------------------------------------------------------------
+def test_chunked_full_softmax_equals_dense():
+    torch.manual_seed(0)
+    u = torch.randn(5, 8, requires_grad=True)
+    V = torch.randn(37, 8, requires_grad=True)
+    t = torch.randint(1, 37, (5,))
+    w = torch.tensor([1.0, 1, 0, 1, 1])
+    a = full_softmax_ce(u, V, t, w)
+    b = full_softmax_ce(u, V, t, w, chunk_size=6)
+    assert torch.allclose(a, b, atol=1e-6)
+    ga = torch.autograd.grad(a, (u, V))
+    gb = torch.autograd.grad(b, (u, V))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+
+
+def test_inbatch_ce_ignores_padding_rows():
+    torch.manual_seed(0)
+    u, V = torch.randn(4, 8), torch.randn(4, 8)
+    w = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    expect = torch.nn.functional.cross_entropy(u[:3] @ V[:3].T, torch.arange(3))
+    assert torch.allclose(inbatch_softmax_ce(u, V, w), expect, atol=1e-6)
+
+
+# --- config validation -----------------------------------------------------------------------
+@pytest.mark.parametrize("data,needle", [
+    ({"hiden_size": 64}, "hiden_size: unknown key (did you mean 'hidden_size'"),
+    ({"hidden_size": "big"}, "hidden_size: expected an integer"),
+    ({"hidden_size": 100, "head_dim": 64}, "head_dim: hidden_size*expand = 200 is not divisible"),
+    ({"n_groups": 3}, "n_groups"),
+    ({"item_mm_fusion": "mean"}, "item_mm_fusion: must be one of"),
+    ({"dropout_prob": 1.5}, "dropout_prob"),
+])
+def test_config_validation_names_the_field(data, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        from_dict(MMM4RecConfig, data)
+    assert needle in str(e.value)
+
+
+def test_yaml_config_errors_name_the_file(tmp_path):
+    from mmm4rec.config import load_yaml
+
+    p = tmp_path / "m.yaml"
+    p.write_text("hidden_size: 64\nexpand: 3\nhead_dim: 64\nbogus: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml(MMM4RecConfig, p)
+    assert str(p) in str(e.value) and "bogus" in str(e.value)
+
+
+# --- export ------------------------------------------------------------------------------------
+def test_save_pretrained_round_trip_and_mismatch(tmp_path):
+    torch.manual_seed(0)
+    model = with_features(MMM4Rec(tiny_cfg(use_id=True))).eval()
+    model.save_pretrained(tmp_path / "exp")
+    assert not any(k.startswith("tables") for k in model.transferable_state_dict())
+    loaded = with_features(MMM4Rec.from_pretrained(tmp_path / "exp", use_id=False)).eval()
+    batch = random_batch(model.config)
+    ref = with_features(MMM4Rec(tiny_cfg(use_id=False))).eval()
+    ref.dense.load_state_dict(model.dense.state_dict())
+    assert torch.equal(loaded.full_sort_predict(batch), ref.full_sort_predict(batch))
+    with pytest.raises(ConfigError, match="adapter.text.weight"):
+        MMM4Rec.from_pretrained(tmp_path / "exp", text_dim=99)
+
+
+def test_sasrec_contract():
+    torch.manual_seed(0)
+    cfg = SASRecConfig(num_items=50, max_len=12, dropout_prob=0.0, attn_dropout_prob=0.0)
+    model = SASRec(cfg).eval()
+    batch = random_batch(tiny_cfg())
+    scores = model.full_sort_predict(batch)
+    assert scores.shape == (4, 51) and torch.isinf(scores[:, 0]).all()
+    u = model.user_vector(batch)
+    garbage = dict(batch, item_seq=batch["item_seq"].clone())
+    pad = torch.arange(12)[None] >= batch["item_seq_len"][:, None]
+    garbage["item_seq"][pad] = 7
+    assert torch.allclose(u, model.user_vector(garbage), atol=1e-5)
+    model.train()
+    assert torch.isfinite(model.calculate_loss(batch))

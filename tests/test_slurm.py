@@ -1,0 +1,293 @@
+"""slurm/*.sh against a real single-node Slurm cluster (tests/slurm_cluster.py).
+
+Two groups:
+
+* quick checks of the scripts that need only bash (usage, syntax, the per-task
+  env:// variables, the head-node and port rules);
+* ``@pytest.mark.slurm`` + ``@pytest.mark.slow``: jobs submitted to a real
+  ``slurmctld``/``slurmd`` started by the ``slurm_cluster`` fixture, training
+  ``dist/train.py`` on CPU with 2 tasks and the tiny configs
+  (configs/tiny_pretrain.yaml, configs/tiny_finetune.yaml).
+
+Only a missing Slurm binary skips (the fixture names it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:  # tests/ on sys.path (no tests/__init__.py) ...
+    from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+except ModuleNotFoundError:  # ... or tests/ as a package
+    from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "slurm"
+SCRIPTS = ["pretrain.sh", "finetune.sh", "transfer.sh", "common.sh"]
+TINY_PRETRAIN = "configs/tiny_pretrain.yaml"
+TINY_FINETUNE = "configs/tiny_finetune.yaml"
+JOB_TIMEOUT = 240.0  # seconds to wait for one training job (each should take well under 2 min)
+
+cluster_test = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _python() -> str:
+    """The interpreter the jobs run: MMM4REC_PYTHON, else the repo's venv, else this one."""
+    if os.environ.get("MMM4REC_PYTHON"):
+        return os.environ["MMM4REC_PYTHON"]
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _bash(args, env=None, cwd=REPO, timeout=60) -> subprocess.CompletedProcess:
+    full = dict(os.environ)
+    for k in list(full):
+        if k.startswith(("SLURM_", "SBATCH_")) or k in ("MMM4REC_MASTER_ADDR", "MMM4REC_MASTER_PORT", "ENVIRONMENT"):
+            del full[k]
+    full.update(env or {})
+    return subprocess.run(["bash", *map(str, args)], env=full, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _stub(dir_: Path, name: str, body: str) -> None:
+    p = dir_ / name
+    p.write_text("#!/usr/bin/env bash\n" + body + "\n")
+    p.chmod(0o755)
+
+
+# ----------------------------------------------------------------- quick checks
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+    p = _bash(["-n", SLURM / script])
+    assert p.returncode == 0, p.stderr
+
+
+def test_shellcheck():
+    sc = shutil.which("shellcheck")
+    if sc is None:
+        pytest.skip("shellcheck not installed (Debian: apt-get install shellcheck)")
+    p = subprocess.run([sc, "-x", *[str(SLURM / s) for s in SCRIPTS]], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("script,must_mention", [
+    ("pretrain.sh", ["CONFIG", "OUTPUT_DIR", "LAUNCHER", "MMM4REC_DEVICE", "MMM4REC_PYTHON", "NODES", "LOG_DIR",
+                     "#SBATCH --gpus-per-node", "#SBATCH --output=logs/slurm/%x-%j.out"]),
+    ("finetune.sh", ["PRETRAINED", "train.init_from", "CONFIG", "OUTPUT_DIR", "LAUNCHER", "NODES"]),
+    ("transfer.sh", ["PRETRAIN_JOB_ID", "FINETUNE_JOB_ID", "afterok", "NODES", "LOG_DIR", "PRETRAIN_CONFIG"]),
+])
+def test_help_prints_usage_without_submitting(tmp_path, script, must_mention):
+    marker = tmp_path / "sbatch-called"
+    _stub(tmp_path, "sbatch", f'touch "{marker}"; echo 1')
+    p = _bash([SLURM / script, "--help"], env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert p.returncode == 0, p.stderr
+    assert not marker.exists(), "--help submitted a job"
+    for word in must_mention:
+        assert word in p.stdout, f"{script} --help does not mention {word}:\n{p.stdout}"
+
+
+def test_task_exec_sets_torch_env_from_slurm():
+    show = "import os; print(*(os.environ[k] for k in ('RANK','WORLD_SIZE','LOCAL_RANK','LOCAL_WORLD_SIZE','MASTER_ADDR','MASTER_PORT')))"
+    base = {"SLURM_NTASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "2(x2),4", "MASTER_ADDR": "node-a",
+            "MASTER_PORT": "12345"}
+    p = _bash([SLURM / "common.sh", "task-exec", sys.executable, "-c", show],
+              env={**base, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["3", "8", "1", "2", "node-a", "12345"]
+    p = _bash([SLURM / "common.sh", "task-exec", sys.executable, "-c", show],
+              env={**base, "SLURM_PROCID": "7", "SLURM_LOCALID": "3", "SLURM_NODEID": "2"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["7", "8", "3", "4", "node-a", "12345"]
+
+
+def test_task_exec_refuses_without_slurm_vars():
+    p = _bash([SLURM / "common.sh", "task-exec", "true"])
+    assert p.returncode != 0
+    assert "SLURM_PROCID is not set" in p.stderr
+
+
+def test_head_node_is_first_host_and_never_a_silent_localhost(tmp_path):
+    fn = f'source "{SLURM / "common.sh"}"; mmm4rec_head_node'
+    # scontrol expands the node list: the first host is the head.
+    _stub(tmp_path, "scontrol", 'printf "gpu-017\\ngpu-018\\n"')
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    p = _bash(["-c", fn], env={"PATH": path, "SLURM_JOB_NODELIST": "gpu-[017-018]"})
+    assert (p.returncode, p.stdout.strip()) == (0, "gpu-017"), p.stderr
+    # scontrol yields nothing: a loud failure, not localhost.
+    _stub(tmp_path, "scontrol", "exit 0")
+    p = _bash(["-c", fn], env={"PATH": path, "SLURM_JOB_NODELIST": "gpu-[017-018]"})
+    assert p.returncode != 0 and "head node" in p.stderr and "localhost" not in p.stdout
+    # outside an allocation: a loud failure too.
+    p = _bash(["-c", fn], env={"PATH": path})
+    assert p.returncode != 0 and "SLURM_JOB_NODELIST" in p.stderr
+    # an explicit override is honoured.
+    p = _bash(["-c", fn], env={"PATH": path, "MMM4REC_MASTER_ADDR": "gpu-017-ib"})
+    assert p.stdout.strip() == "gpu-017-ib"
+
+
+def test_master_port_is_derived_from_the_job_id():
+    fn = f'source "{SLURM / "common.sh"}"; mmm4rec_master_port'
+    ports = [int(_bash(["-c", fn], env={"SLURM_JOB_ID": str(j)}).stdout) for j in (1, 12345, 12346, 987654)]
+    assert ports == [10001, 22345, 22346, 10000 + 987654 % 20000]
+    assert all(1024 < p < 32768 for p in ports)  # below the ephemeral range
+    assert _bash(["-c", fn]).returncode != 0
+
+
+def test_job_body_refuses_to_run_outside_slurm():
+    p = _bash([SLURM / "pretrain.sh", "--run"])
+    assert p.returncode != 0 and "not inside a Slurm job" in p.stderr
+
+
+# ------------------------------------------------------------- cluster tests
+def _job_env(tmp_path: Path) -> dict[str, str]:
+    """Variables every training job of these tests gets."""
+    return {
+        "MMM4REC_ROOT": str(REPO),
+        "MMM4REC_DEVICE": "cpu",
+        "MMM4REC_PYTHON": _python(),
+        # Compiled DeepSpeed ops are cached across jobs and test runs (.gitignore'd).
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+
+
+def _cpu_sbatch_opts(cluster: SlurmCluster, tmp_path: Path) -> list[str]:
+    (tmp_path / "logs").mkdir(exist_ok=True)  # plain sbatch: Slurm does not create the log dir
+    opts = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
+            f"--output={tmp_path}/logs/%x-%j.out"]
+    if cluster.cpus < 2:
+        opts.append("--overcommit")
+    return opts
+
+
+def _require_training_entry_point():
+    # dist/train.py and the tiny configs are part of the repository: missing ones are an error.
+    missing = [p for p in ("dist/train.py", TINY_PRETRAIN, TINY_FINETUNE) if not (REPO / p).exists()]
+    assert not missing, f"missing from the repository: {missing}"
+
+
+def _assert_completed(res, what: str) -> None:
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), (
+        f"{what}: job {res.job_id} ended {res.state} exit {res.exit_code}:{res.signal} ({res.reason})\n"
+        f"--- log {res.stdout_path} ---\n{res.log()[-6000:]}")
+
+
+def _assert_run_outputs(out: Path) -> None:
+    export = out / "export"
+    assert (export / "model.safetensors").is_file(), f"no export in {out}: {sorted(map(str, out.rglob('*')))[:50]}"
+    assert (export / "config.json").is_file()
+    ckpt = out / "checkpoints"
+    assert ckpt.is_dir() and any(p.is_file() for p in ckpt.rglob("*")), f"no checkpoint under {ckpt}"
+    assert (out / "metrics.json").is_file()
+    json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cluster_runs_a_two_task_job(slurm_cluster, tmp_path):
+    script = tmp_path / "hello.sh"
+    script.write_text("#!/bin/bash\nset -euo pipefail\nsrun bash -c 'echo procid=$SLURM_PROCID ntasks=$SLURM_NTASKS'\n")
+    opts = ["-n", "2", f"--output={tmp_path}/%j.out", "--time=2"]
+    if slurm_cluster.cpus < 2:
+        opts.append("--overcommit")
+    job = slurm_cluster.sbatch([*opts, str(script)], cwd=tmp_path)
+    res = slurm_cluster.wait(job, timeout=60)
+    _assert_completed(res, "self-test")
+    log = res.log()
+    assert "procid=0 ntasks=2" in log and "procid=1 ntasks=2" in log, log
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sbatch_pretrain_cpu_two_tasks(slurm_cluster, tmp_path):
+    _require_training_entry_point()
+    out = tmp_path / "pretrain"
+    env = {**_job_env(tmp_path), "CONFIG": TINY_PRETRAIN, "OUTPUT_DIR": str(out)}
+    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh"], env=env, cwd=REPO)
+    res = slurm_cluster.wait(job, timeout=JOB_TIMEOUT)
+    _assert_completed(res, "pretrain")
+    _assert_run_outputs(out)
+    log = res.log()
+    assert "device=cpu launcher=srun tasks=2" in log, log
+    assert res.stdout_path == tmp_path / "logs" / f"mmm4rec-pretrain-{job}.out"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_transfer_chains_pretrain_export_into_finetune(slurm_cluster, tmp_path):
+    _require_training_entry_point()
+    run_dir = tmp_path / "run"
+    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
+           "FINETUNE_CONFIG": TINY_FINETUNE, "NODES": "1", "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1",
+           "TIME": "10"}
+    extra = ["--overcommit"] if slurm_cluster.cpus < 2 else []
+    p = slurm_cluster.run(["bash", str(SLURM / "transfer.sh"), *extra], env=env, cwd=REPO)
+    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    assert set(ids) == {"PRETRAIN_JOB_ID", "FINETUNE_JOB_ID", "RUN_DIR"}, p.stdout
+    pre, fine = ids["PRETRAIN_JOB_ID"], ids["FINETUNE_JOB_ID"]
+    assert Path(ids["RUN_DIR"]) == run_dir
+    assert slurm_cluster.show_job(fine)["Dependency"].startswith(f"afterok:{pre}")
+    assert (tmp_path / "logs").is_dir()  # transfer.sh created LOG_DIR
+
+    res_pre = slurm_cluster.wait(pre, timeout=JOB_TIMEOUT)
+    _assert_completed(res_pre, "transfer: pretrain")
+    res_fine = slurm_cluster.wait(fine, timeout=JOB_TIMEOUT)
+    _assert_completed(res_fine, "transfer: finetune")
+    export = run_dir / "pretrain" / "export"
+    _assert_run_outputs(run_dir / "pretrain")
+    _assert_run_outputs(run_dir / "finetune")
+    # The fine-tuning job was started from the pre-training export ...
+    log = res_fine.log()
+    assert f"--set train.init_from={export}" in log, log
+    # ... and training itself recorded that (its log, metrics or saved config name the export).
+    evidence = [log] + [f.read_text(errors="replace") for f in (run_dir / "finetune").rglob("*")
+                        if f.is_file() and f.suffix in (".json", ".yaml", ".yml", ".txt", ".log")]
+    train_lines = [t for t in evidence if str(export) in t.replace(f"--set train.init_from={export}", "")]
+    assert train_lines, f"nothing written by training names {export} as init_from"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_failing_training_fails_the_job(slurm_cluster, tmp_path):
+    _require_training_entry_point()
+    out = tmp_path / "bad"
+    env = {**_job_env(tmp_path), "CONFIG": TINY_PRETRAIN, "OUTPUT_DIR": str(out)}
+    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh",
+                                "--set", "train.no_such_key_xyz=1"], env=env, cwd=REPO)
+    res = slurm_cluster.wait(job, timeout=JOB_TIMEOUT)
+    log = res.log()
+    assert res.state == "FAILED" and res.exit_code != 0, (res, log[-4000:])
+    assert "no_such_key_xyz" in log, log[-4000:]
+    assert re.search(r"training FAILED with exit code [1-9]", log), log[-4000:]
+    assert not (out / "export" / "model.safetensors").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_transfer_does_not_finetune_after_failed_pretrain(slurm_cluster, tmp_path):
+    _require_training_entry_point()
+    run_dir = tmp_path / "run"
+    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
+           "FINETUNE_CONFIG": TINY_FINETUNE, "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1", "TIME": "10",
+           "PRETRAIN_EXTRA_ARGS": "--set train.no_such_key_xyz=1"}
+    extra = ["--overcommit"] if slurm_cluster.cpus < 2 else []
+    p = slurm_cluster.run(["bash", str(SLURM / "transfer.sh"), *extra], env=env, cwd=REPO)
+    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    res_pre = slurm_cluster.wait(ids["PRETRAIN_JOB_ID"], timeout=JOB_TIMEOUT)
+    assert res_pre.state == "FAILED" and res_pre.exit_code != 0, res_pre.log()[-4000:]
+    res_fine = slurm_cluster.wait(ids["FINETUNE_JOB_ID"], timeout=60)
+    # --kill-on-invalid-dep=yes: cancelled, never started.
+    assert res_fine.state == "CANCELLED" and res_fine.reason == "DependencyNeverSatisfied", res_fine
+    assert res_fine.fields.get("StartTime") in (None, "Unknown", "None") or res_fine.fields.get("RunTime") == "00:00:00"
+    assert not (run_dir / "finetune" / "export").exists()
