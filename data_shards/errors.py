@@ -18,10 +18,11 @@ class DataError(ValueError):
     what is wrong with it.
     """
 
-    def __init__(self, where: str, why: str):
-        self.where = where
-        self.why = why
-        super().__init__(f"{where}: {why}")
+    def __init__(self, where: str, why: str | None = None):
+        # one-argument form: a finished message (how torch re-raises a worker's error)
+        self.where = where if why is not None else ""
+        self.why = why if why is not None else where
+        super().__init__(f"{where}: {why}" if why is not None else where)
 
 
 class ShardError(DataError):
@@ -60,9 +61,6 @@ class BadRecords:
         self.by_reason[reason or why] += 1
         if len(self.examples) < self.keep:
             self.examples.append(BadRecord(where, why))
-
-    def __bool__(self) -> bool:
-        return self.count > 0
 
     def summary(self) -> dict:
         """JSON-ready report: ``{"skipped", "by_reason", "examples": [{"where","why"}]}``."""

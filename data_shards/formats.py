@@ -45,19 +45,20 @@ __all__ = ["FORMATS", "item_text_from_fields", "read_unisrec", "read_recbole", "
 _WS = re.compile(r"\s+")
 
 
-def _clean(value) -> str:
-    """A metadata field (str, list of str or nested lists) as one clean line of text."""
+def _clean(value, sep: str = ", ") -> str:
+    """A metadata field (str, list of str or nested lists, joined by ``sep``) as one clean line."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
-        return ", ".join(p for p in (_clean(v) for v in value) if p)
+        return sep.join(p for p in (_clean(v, sep) for v in value) if p)
     return _WS.sub(" ", html.unescape(str(value))).strip()
 
 
 def item_text_from_fields(title=None, brand=None, categories=None, description=None, *extra) -> str:
-    """Item text from its metadata: the non-empty fields joined as ``"title. brand. categories. description"``."""
-    parts = [_clean(v).rstrip(". ") for v in (title, brand, categories, description, *extra)]
-    return ". ".join(p for p in parts if p)
+    """Item text from its metadata: the non-empty fields joined as ``"title. brand. categories. description"``
+    (list-valued categories joined by ", ", description paragraphs by " ")."""
+    parts = [_clean(title), _clean(brand), _clean(categories), _clean(description, " "), *map(_clean, extra)]
+    return ". ".join(p for p in (p.rstrip(". ") for p in parts) if p)
 
 
 def _need(path: Path) -> Path:
@@ -173,7 +174,7 @@ def read_unisrec(path: str | Path, name: str | None = None, bad: BadRecords | No
     Returns ``(raw, item_index, name)``: ``item_index`` maps an original item id (ASIN)
     to its row in the dataset's own feature files (``<name>.feat*``).
     """
-    bad = bad or BadRecords()
+    bad = BadRecords() if bad is None else bad
     d = Path(path)
     name = _find_name(d, ".test.inter", name)
     items = _read_index(d / f"{name}.item2index", bad)
@@ -263,7 +264,7 @@ def read_recbole(path: str | Path, name: str | None = None, bad: BadRecords | No
     Timestamps come from ``time_field`` when the ``.inter`` file has it. Returns
     ``(raw, item_index, name)`` with ``item_index`` = row order of ``<name>.item``.
     """
-    bad = bad or BadRecords()
+    bad = BadRecords() if bad is None else bad
     d = Path(path)
     name = _find_name(d, ".inter", name)
     inter_path = d / f"{name}.inter"
@@ -332,7 +333,7 @@ def read_lcrec(path: str | Path, name: str | None = None, bad: BadRecords | None
 
     Returns ``(raw, item_index, name)``; ``item_index`` maps the item key to its integer.
     """
-    bad = bad or BadRecords()
+    bad = BadRecords() if bad is None else bad
     d = Path(path)
     name = _find_name(d, ".inter.json", name)
     inter_path, item_path = d / f"{name}.inter.json", d / f"{name}.item.json"
@@ -396,7 +397,7 @@ def read_amazon2018(path: str | Path, meta: str | Path | None = None, name: str 
 
     Returns ``(raw, None, name)``: items in first-seen order of the ratings file.
     """
-    bad = bad or BadRecords()
+    bad = BadRecords() if bad is None else bad
     ratings = _need(Path(path))
     name = name or ratings.name.split(".")[0]
     meta_path = Path(meta) if meta is not None else ratings.with_name(f"meta_{name}.json.gz")

@@ -194,14 +194,15 @@ def read_shard_records(store: Store, entry: Mapping[str, Any], verify: bool = Tr
         raise ShardError(where, f"truncated or corrupt tar: {exn}") from exn
 
     try:
-        records = list(group_by_keys(tar_file_iterator(io.BytesIO(blob), handler=raise_), handler=raise_))
+        files = (dict(f, __url__=where) for f in tar_file_iterator(io.BytesIO(blob), handler=raise_))
+        records = list(group_by_keys(files, handler=raise_))
     except (tarfile.TarError, EOFError, ValueError) as e:
         if isinstance(e, ShardError):
             raise
         raise ShardError(where, f"truncated or corrupt tar: {e}") from None
     expected = entry.get("users")
     if expected is not None and len(records) != expected:
-        raise ShardError(where, f"truncated shard: {len(records)} records, the manifest says {expected}")
+        raise ShardError(where, f"truncated or corrupt shard: {len(records)} records, the manifest says {expected}")
     return records
 
 

@@ -195,6 +195,13 @@ mmm4rec_run() {
   [[ -f "$train_py" ]] || mmm4rec_die "training entry point not found: $train_py (MMM4REC_ROOT=$root)"
 
   local py=${MMM4REC_PYTHON:-python}
+  if [[ "$py" == */* ]]; then
+    # An environment that is not activated: put its bin/ first on PATH, so that
+    # its tools are used (ninja for DeepSpeed's JIT-built ops, among others).
+    py=$(mmm4rec_abspath "$py")
+    PATH="$(dirname -- "$py"):$PATH"
+    export PATH
+  fi
   command -v "$py" >/dev/null 2>&1 || mmm4rec_die "Python interpreter '$py' not found (set MMM4REC_PYTHON to your environment's python)"
 
   local config
@@ -245,15 +252,19 @@ mmm4rec_run() {
   MASTER_PORT=$(mmm4rec_master_port)
   export MASTER_ADDR MASTER_PORT
   export MMM4REC_DEVICE=$device
-  local cache=${MMM4REC_CACHE:-$output_dir/.cache}
-  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}
+  # One cache for all jobs (as dist/train.py's default): compiled DeepSpeed ops,
+  # bundled sample shards.
+  export MMM4REC_CACHE=${MMM4REC_CACHE:-$root/.cache}
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$MMM4REC_CACHE/torch_extensions}
   mkdir -p "$TORCH_EXTENSIONS_DIR"
+  # Threads per process: an OMP_NUM_THREADS inherited from the submitting shell
+  # is replaced (it was set for another machine); MMM4REC_OMP_THREADS sets it.
   if [[ "$device" == cpu ]]; then
     export DS_ACCELERATOR=cpu
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    export OMP_NUM_THREADS=${MMM4REC_OMP_THREADS:-1}
     export CUDA_VISIBLE_DEVICES=""
   else
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    export OMP_NUM_THREADS=${MMM4REC_OMP_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   fi
   export PYTHONUNBUFFERED=1
 

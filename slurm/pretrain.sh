@@ -30,11 +30,16 @@
 #   LAUNCHER        srun (default: one Slurm task per GPU, env:// variables set
 #                   from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) or torchrun
 #                   (one task per node running torchrun, c10d rendezvous)
-#   MMM4REC_DEVICE  gpu (default) or cpu (DeepSpeed CPU accelerator + gloo,
-#                   OMP_NUM_THREADS=1 per process)
-#   MMM4REC_PYTHON  Python of your environment (default: python on PATH)
-#   MMM4REC_CACHE   shared cache dir; TORCH_EXTENSIONS_DIR defaults to
-#                   $MMM4REC_CACHE/torch_extensions (else OUTPUT_DIR/.cache/...)
+#   MMM4REC_DEVICE  gpu (default) or cpu (DS_ACCELERATOR=cpu: DeepSpeed CPU
+#                   accelerator + gloo)
+#   MMM4REC_OMP_THREADS
+#                   OMP_NUM_THREADS of each process (default: 1 on cpu, the
+#                   task's --cpus-per-task on gpu; an inherited value is replaced)
+#   MMM4REC_PYTHON  Python of your environment (default: python on PATH); its
+#                   directory goes first on PATH (the env's ninja, used by DeepSpeed)
+#   MMM4REC_CACHE   cache shared by all jobs (default <repo>/.cache): compiled
+#                   DeepSpeed ops (TORCH_EXTENSIONS_DIR=$MMM4REC_CACHE/torch_extensions
+#                   unless set) and the bundled sample shards
 #   RESUME          auto (default: --resume when OUTPUT_DIR/checkpoints is not
 #                   empty, e.g. after a requeue), 1 (always) or 0 (never)
 #   EXTRA_ARGS      more dist/train.py arguments, split on whitespace

@@ -33,9 +33,8 @@
 #                       pretrain.sh / finetune.sh)
 #   LOG_DIR             job logs: LOG_DIR/<job-name>-<job-id>.out (default
 #                       logs/slurm; created here)
-#   LAUNCHER, MMM4REC_DEVICE, MMM4REC_PYTHON, MMM4REC_CACHE, RESUME
-#                       as in slurm/pretrain.sh --help; MMM4REC_CACHE defaults to
-#                       RUN_DIR/.cache so both jobs share compiled extensions
+#   LAUNCHER, MMM4REC_DEVICE, MMM4REC_PYTHON, MMM4REC_CACHE, RESUME, ...
+#                       as in slurm/pretrain.sh --help
 set -euo pipefail
 
 mmm4rec_find_root() {
@@ -67,7 +66,6 @@ for cfg in "$pretrain_cfg" "$finetune_cfg"; do
   [[ "$cfg" == *://* || -f "$cfg" ]] || mmm4rec_die "config not found: $cfg"
 done
 mkdir -p "$run_dir"
-export MMM4REC_CACHE=${MMM4REC_CACHE:-$run_dir/.cache}
 
 read -ra pretrain_sbatch <<<"${PRETRAIN_SBATCH_ARGS:-}"
 read -ra finetune_sbatch <<<"${FINETUNE_SBATCH_ARGS:-}"

@@ -290,3 +290,19 @@ def test_sasrec_contract():
     assert torch.allclose(u, model.user_vector(garbage), atol=1e-5)
     model.train()
     assert torch.isfinite(model.calculate_loss(batch))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_causal_conv_equals_torch_conv1d(channels_last):
+    from mmm4rec.models.layers import CausalDepthwiseConv
+
+    torch.manual_seed(0)
+    m = CausalDepthwiseConv(12, 4, channels_last=channels_last)
+    x = torch.randn(3, 17, 12, requires_grad=True)
+    inp = x if channels_last else x.transpose(1, 2)
+    ref = torch.nn.functional.silu(m.conv(x.transpose(1, 2))[..., :17])
+    ref = ref.transpose(1, 2) if channels_last else ref
+    assert torch.allclose(m(inp), ref, atol=1e-6)
+    g1 = torch.autograd.grad(m(inp).sum(), m.conv.weight)[0]
+    g2 = torch.autograd.grad(ref.sum(), m.conv.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)

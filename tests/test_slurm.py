@@ -153,7 +153,7 @@ def _job_env(tmp_path: Path) -> dict[str, str]:
         "MMM4REC_DEVICE": "cpu",
         "MMM4REC_PYTHON": _python(),
         # Compiled DeepSpeed ops are cached across jobs and test runs (.gitignore'd).
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
         "LOG_DIR": str(tmp_path / "logs"),
     }
 
@@ -202,6 +202,71 @@ def test_cluster_runs_a_two_task_job(slurm_cluster, tmp_path):
     _assert_completed(res, "self-test")
     log = res.log()
     assert "procid=0 ntasks=2" in log and "procid=1 ntasks=2" in log, log
+
+
+# A stand-in for the Python interpreter: it reports what each task was given and
+# honours the output contract, without training (checks the plumbing in seconds).
+_FAKE_PYTHON = r"""#!/usr/bin/env bash
+set -eu
+echo "task RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE" \
+     "MASTER=$MASTER_ADDR:$MASTER_PORT OMP=$OMP_NUM_THREADS DS=${DS_ACCELERATOR:-} ARGS=$*"
+out=""
+prev=""
+for a in "$@"; do [ "$prev" = --output-dir ] && out=$a; prev=$a; done
+if [ "$RANK" = 0 ] && [ "${FAKE_EXIT:-0}" = 0 ]; then
+  mkdir -p "$out/export" "$out/checkpoints"
+  : > "$out/export/model.safetensors"; echo '{}' > "$out/export/config.json"
+fi
+exit "${FAKE_EXIT:-0}"
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_environment_and_exit_status_with_a_stand_in_python(slurm_cluster, tmp_path):
+    fake = tmp_path / "fake-python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_1").write_text("x")  # RESUME=auto must add --resume
+    env = {**_job_env(tmp_path), "MMM4REC_PYTHON": str(fake), "CONFIG": str(cfg), "OUTPUT_DIR": str(out),
+           "OMP_NUM_THREADS": "7", "EXTRA_ARGS": "--set train.a=1"}
+    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh",
+                                "--set", "train.b=two words"], env=env, cwd=REPO)
+    res = slurm_cluster.wait(job, timeout=60)
+    _assert_completed(res, "stand-in")
+    log = res.log()
+    port = 10000 + int(job) % 20000
+    for rank in (0, 1):
+        line = next((ln for ln in log.splitlines() if ln.startswith(f"task RANK={rank} ")), None)
+        assert line is not None, log
+        assert f"WORLD_SIZE=2 LOCAL_RANK={rank} LOCAL_WORLD_SIZE=2" in line, line
+        assert f"MASTER={slurm_cluster.node}:{port} OMP=1 DS=cpu" in line, line
+        assert line.endswith(f"ARGS={REPO}/dist/train.py --config {cfg} --output-dir {out} "
+                             "--set train.a=1 --set train.b=two words --resume"), line
+
+    # The job's exit status is training's (FAILED, same code), and the failure is logged.
+    env["FAKE_EXIT"] = "3"
+    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh"], env=env, cwd=REPO)
+    res = slurm_cluster.wait(job, timeout=60)
+    assert (res.state, res.exit_code) == ("FAILED", 3), (res, res.log())
+    assert "training FAILED with exit code 3" in res.log()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_finetune_refuses_a_missing_export(slurm_cluster, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    env = {**_job_env(tmp_path), "CONFIG": str(cfg), "OUTPUT_DIR": str(tmp_path / "out"),
+           "PRETRAINED": str(tmp_path / "nowhere" / "export")}
+    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/finetune.sh"], env=env, cwd=REPO)
+    res = slurm_cluster.wait(job, timeout=60)
+    assert res.state == "FAILED" and res.exit_code != 0, res
+    assert "is not an export" in res.log(), res.log()
 
 
 @pytest.mark.slurm

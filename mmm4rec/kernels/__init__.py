@@ -1,2 +1,10 @@
-"""Compute kernels with PyTorch reference twins; use the dispatchers in ``dispatch``."""
-from .dispatch import fourier_filter, ssd  # noqa: F401
+"""Compute kernels with PyTorch reference twins; use the dispatchers in ``dispatch``.
+
+``ssd`` / ``fourier_filter`` pick Triton (CUDA tensors) or the PyTorch reference (CPU);
+``set_backend("auto" | "triton" | "reference")`` or ``$MMM4REC_KERNELS`` override it.
+Design, tests and benchmark: docs/kernels.md.
+"""
+from ._common import UnsupportedShapeError  # noqa: F401
+from .dispatch import fourier_filter, get_backend, set_backend, ssd  # noqa: F401
+
+__all__ = ["ssd", "fourier_filter", "set_backend", "get_backend", "UnsupportedShapeError"]

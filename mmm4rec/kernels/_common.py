@@ -4,8 +4,9 @@
   when the inputs are outside what the kernels handle (chunk size, state size,
   window length, dtype, device). The dispatcher catches it and falls back to the
   PyTorch reference with a one-time warning.
-* :func:`interpreting`: whether Triton runs through its CPU interpreter
-  (``TRITON_INTERPRET=1``); then CPU tensors are legal kernel inputs.
+* :func:`interpreter_active`: whether Triton runs through its CPU interpreter
+  (``TRITON_INTERPRET=1``, set before triton was imported); then CPU tensors are
+  legal kernel inputs.
 * :func:`empty`: the allocator every kernel output goes through. Inside
   :func:`poison_outputs` it fills with NaN, so tests can prove that a kernel
   writes every element of every output it returns.
@@ -22,6 +23,7 @@ import torch
 __all__ = [
     "UnsupportedShapeError",
     "interpreting",
+    "interpreter_active",
     "triton_importable",
     "empty",
     "poison_outputs",
@@ -29,6 +31,7 @@ __all__ = [
     "next_pow2",
     "num_sms",
     "check_device",
+    "same_layout",
 ]
 
 
@@ -39,6 +42,27 @@ class UnsupportedShapeError(ValueError):
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU interpreter (read at call time)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def interpreter_active() -> bool:
+    """``TRITON_INTERPRET=1`` is set *and* took effect.
+
+    Triton chooses interpreter or compiler for every ``@triton.jit`` function when the
+    defining module is imported, its own ``tl.cumsum`` & co. included, so the variable
+    must be set before ``triton`` (and our kernel modules) are first imported.
+    """
+    if not interpreting():
+        return False
+    import sys
+
+    std = sys.modules.get("triton.language.standard")
+    ours = sys.modules.get("mmm4rec.kernels.ssd_chunk_cumsum")
+    if std is None and ours is None:
+        return True          # nothing imported yet: it will be imported interpreted
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return ((std is None or isinstance(std.cumsum, InterpretedFunction))
+            and (ours is None or isinstance(ours._softplus, InterpretedFunction)))
 
 
 _TRITON_OK: bool | None = None
@@ -101,6 +125,18 @@ def num_sms(device: torch.device) -> int:
     return 1
 
 
+def same_layout(*tensors: torch.Tensor) -> bool:
+    """Same shape, and the same strides wherever a dim has more than one element
+    (``is_contiguous`` ignores size-1 dims, so two contiguous tensors may differ there),
+    so one set of strides addresses all of them."""
+    first = tensors[0]
+    return all(
+        t.shape == first.shape
+        and all(n == 1 or a == b for n, a, b in zip(first.shape, first.stride(), t.stride()))
+        for t in tensors[1:]
+    )
+
+
 def check_device(*tensors: torch.Tensor, what: str) -> None:
     """CUDA tensors always run; CPU tensors only under ``TRITON_INTERPRET=1``."""
     devs = {t.device for t in tensors if t is not None}
@@ -109,9 +145,9 @@ def check_device(*tensors: torch.Tensor, what: str) -> None:
     dev = devs.pop()
     if dev.type == "cuda":
         return
-    if dev.type == "cpu" and interpreting():
+    if dev.type == "cpu" and interpreter_active():
         return
     raise UnsupportedShapeError(
-        f"{what}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
-        f"got device {dev}"
+        f"{what}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1, set before triton "
+        f"is imported, for CPU tensors), got device {dev}"
     )

@@ -1,16 +1,129 @@
 """One entry point per kernel: Triton on CUDA tensors, the PyTorch reference on CPU.
 
-(The kernels engineer replaces this with the full dispatcher; the API stays.)
+Backend choice, highest priority first:
+
+1. :func:`set_backend` (``"auto"``, ``"triton"`` or ``"reference"``; ``None`` clears it),
+   which the model config calls;
+2. the environment variable ``MMM4REC_KERNELS`` (same values; read at call time);
+3. ``"auto"``.
+
+``"auto"`` runs Triton when the inputs are CUDA tensors and Triton imports, else the
+reference. ``"triton"`` asks for the kernels whatever the device: CUDA tensors, or CPU
+tensors under Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported; that is how the kernel tests run). Whenever the kernels cannot serve a call
+(Triton does not import, CPU tensors without the interpreter, or a shape / dtype outside
+the kernels' limits, reported as :class:`UnsupportedShapeError` before anything
+launches) the call falls back to the reference and warns once per reason.
+``"reference"`` always runs PyTorch.
+
+Triton and the kernel modules are imported lazily, on the first call that needs them:
+importing this package never imports Triton.
 """
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from ._common import UnsupportedShapeError, interpreter_active, interpreting, triton_importable
 from .fourier_ref import fourier_filter_ref
 from .ssd_ref import ssd_chunked_ref
 
+__all__ = ["ssd", "fourier_filter", "set_backend", "get_backend", "resolve_backend",
+           "UnsupportedShapeError", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "MMM4REC_KERNELS"
+
+_backend_override: Optional[str] = None
+_warned: set = set()
+
+
+def _validate(name: str, source: str) -> str:
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"{source}: kernel backend must be one of {BACKENDS}, got {name!r}")
+    return value
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Choose the kernel backend for this process; ``None`` returns to the env var / auto."""
+    global _backend_override
+    _backend_override = None if name is None else _validate(name, "set_backend")
+
+
+def get_backend() -> str:
+    """The requested backend: ``set_backend``'s value, else ``$MMM4REC_KERNELS``, else auto."""
+    if _backend_override is not None:
+        return _backend_override
+    env = os.environ.get(ENV_VAR)
+    return _validate(env, ENV_VAR) if env else "auto"
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(*tensors: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"``: what a call with these inputs would try first."""
+    requested = get_backend()
+    if requested == "reference":
+        return "reference"
+    on_cuda = all(t.is_cuda for t in tensors)
+    if requested == "auto":
+        return "triton" if on_cuda and triton_importable() else "reference"
+    return "triton"
+
+
+def _run(kernel: str, triton_fn: Callable[[], Callable], ref_fn: Callable, args, tensors):
+    if resolve_backend(*tensors) == "reference":
+        return ref_fn(*args)
+    if not triton_importable():
+        _warn_once(f"{kernel}:import",
+                   f"mmm4rec.kernels.{kernel}: Triton is not importable; using the PyTorch reference")
+        return ref_fn(*args)
+    if not all(t.is_cuda for t in tensors):
+        if not interpreting():
+            _warn_once(f"{kernel}:device",
+                       f"mmm4rec.kernels.{kernel}: Triton needs CUDA tensors (or TRITON_INTERPRET=1 "
+                       "for CPU tensors); using the PyTorch reference")
+            return ref_fn(*args)
+        if not interpreter_active():
+            _warn_once(f"{kernel}:late-interpret",
+                       f"mmm4rec.kernels.{kernel}: TRITON_INTERPRET=1 was set after triton was "
+                       "imported, so the interpreter is off; using the PyTorch reference")
+            return ref_fn(*args)
+    try:
+        return triton_fn()(*args)
+    except UnsupportedShapeError as e:
+        _warn_once(f"{kernel}:{e}", f"mmm4rec.kernels.{kernel}: {e}; using the PyTorch reference")
+        return ref_fn(*args)
+
+
+def _ssd_triton():
+    from .ssd_combined import ssd_chunked_triton
+
+    return ssd_chunked_triton
+
+
+def _fourier_triton():
+    from .fourier_fused import fourier_filter_triton
+
+    return fourier_filter_triton
+
 
 def ssd(x, dt, A, B, C, D, dt_bias, chunk_size: int = 64):
-    return ssd_chunked_ref(x, dt, A, B, C, D, dt_bias, chunk_size)
+    """Time-aware SSD; shapes in :func:`mmm4rec.kernels.ssd_combined.ssd_chunked_triton`."""
+    return _run("ssd", _ssd_triton, ssd_chunked_ref, (x, dt, A, B, C, D, dt_bias, chunk_size),
+                (x, dt, A, B, C, D, dt_bias))
 
 
 def fourier_filter(d_t, d_v, cl_a, cl_b, cl_c):
-    return fourier_filter_ref(d_t, d_v, cl_a, cl_b, cl_c)
+    """Dual-channel Fourier filter; shapes in :mod:`mmm4rec.kernels.fourier_fused`."""
+    tensors = (d_t, d_v, *cl_a, *cl_b, *cl_c)
+    return _run("fourier_filter", _fourier_triton, fourier_filter_ref,
+                (d_t, d_v, cl_a, cl_b, cl_c), tensors)

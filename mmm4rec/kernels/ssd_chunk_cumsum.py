@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty
+from ._common import empty, same_layout
 from .ssd_ref import ssd_chunk_cumsum_ref as chunk_cumsum_ref  # noqa: F401  (the twin)
 
 __all__ = ["chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_cumsum_ref"]
@@ -148,7 +148,7 @@ def chunk_cumsum_bwd(ddA_cs, ddt_hat, dt_hat, dt, A, dt_bias):
     """
     bsz, seqlen, nheads = dt.shape
     _, _, nchunks, chunk_size = dt_hat.shape
-    assert ddA_cs.stride() == dt_hat.stride() == ddt_hat.stride()
+    assert same_layout(dt_hat, ddA_cs, ddt_hat)
     ddt = empty(bsz, seqlen, nheads, device=dt.device, dtype=dt.dtype)
     dA_part = empty(bsz, nchunks, nheads, device=dt.device)
     ddt_bias_part = empty(bsz, nchunks, nheads, device=dt.device)

@@ -10,6 +10,9 @@ class CausalDepthwiseConv(nn.Module):
     """Depth-wise causal Conv1d over the length axis, then SiLU.
 
     x [b, L, C] -> [b, L, C] (``channels_last=True``) or [b, C, L] -> [b, C, L].
+    The weights are an ``nn.Conv1d``'s (PyTorch default init); the product is computed
+    as K shifted multiply-adds, which on CPU is several times faster than the
+    depth-wise convolution kernel for the widths used here (K = 4), and identical.
     """
 
     def __init__(self, channels: int, width: int, channels_last: bool = True):
@@ -18,11 +21,17 @@ class CausalDepthwiseConv(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L = x.shape[1] if self.channels_last else x.shape[-1]
-        if self.channels_last:
-            x = x.transpose(1, 2)
-        y = F.silu(self.conv(x)[..., :L])
-        return y.transpose(1, 2) if self.channels_last else y
+        K = self.conv.kernel_size[0]
+        w = self.conv.weight[:, 0, :]                               # [C, K]
+        if self.channels_last:                                      # x [b, L, C]
+            L = x.shape[1]
+            xp = F.pad(x, (0, 0, K - 1, 0))
+            y = self.conv.bias + sum(xp[:, j:j + L, :] * w[:, j] for j in range(K))
+        else:                                                       # x [b, C, L]
+            L = x.shape[-1]
+            xp = F.pad(x, (K - 1, 0))
+            y = self.conv.bias[:, None] + sum(xp[..., j:j + L] * w[:, j, None] for j in range(K))
+        return F.silu(y)
 
 
 class GatedRMSNorm(nn.Module):

@@ -1,0 +1,83 @@
+"""The bundled sample datasets (``data/samples/``) and their shard recipes.
+
+Both share one feature layout so that a model pre-trained on one fine-tunes on the
+other: text = offline all-MiniLM-L6-v2 (384-d), image = 512-d (CLIP ViT-B/32 image
+features for ``scientific_mm``; ``office`` has no images: zero rows, mask False).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ManifestError
+from .features import DEFAULT_TEXT_ENCODER, FeatureFile, TextEncoder
+from .importer import file_sha256, import_dataset
+from .shards import build_shards, read_manifest
+
+__all__ = ["SAMPLES_DIR", "SAMPLE_DATASETS", "ensure_sample_shards"]
+
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
+IMAGE_DIM = 512
+
+#: name -> recipe (format, directory under data/samples, import and shard options).
+SAMPLE_DATASETS: dict[str, dict] = {
+    "office": {"format": "lcrec", "dir": "office", "name": "Office", "k_core": 5, "image": None,
+               "shard_size": 250, "items_per_shard": 1000},
+    "scientific_mm": {"format": "unisrec", "dir": "scientific_mm", "name": "Scientific", "k_core": 5,
+                      "image": {"file": "Scientific.feat3CLS", "dim": IMAGE_DIM,
+                                "encoder": "CLIP ViT-B/32 image (MISSRec .feat3CLS)"},
+                      "shard_size": 250, "items_per_shard": 1000},
+}
+_RECIPE_VERSION = 1
+
+
+def _fingerprint(name: str, recipe: dict) -> str:
+    src = SAMPLES_DIR / recipe["dir"]
+    files = {p.name: file_sha256(p) for p in sorted(src.iterdir()) if p.is_file()}
+    key = {"version": _RECIPE_VERSION, "name": name, "recipe": recipe, "files": files,
+           "text_encoder": DEFAULT_TEXT_ENCODER}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Path | None = None,
+                         force: bool = False, progress: bool = True) -> str:
+    """Build (unless already built from the same files) the shards of sample ``name``.
+
+    Args:
+        name: ``"office"`` or ``"scientific_mm"``.
+        out_dir: the shards go to ``<out_dir>/<name>``.
+        cache_dir: text-vector cache (default ``<out_dir>/text-cache``); a rebuild reuses it.
+        force: rebuild even if an up-to-date manifest exists.
+
+    Returns:
+        The shard set's URL (a local path).
+    """
+    if name not in SAMPLE_DATASETS:
+        raise ValueError(f"unknown sample dataset {name!r}; expected one of {sorted(SAMPLE_DATASETS)}")
+    recipe = SAMPLE_DATASETS[name]
+    out = Path(out_dir) / name
+    fingerprint = _fingerprint(name, recipe)
+    if not force and (out / "manifest.json").is_file():
+        try:
+            if read_manifest(str(out))["build"]["extra"].get("fingerprint") == fingerprint:
+                return str(out)
+        except (ManifestError, KeyError):
+            pass  # unreadable or foreign: rebuild
+    src = SAMPLES_DIR / recipe["dir"]
+    image = recipe["image"]
+    encoder = TextEncoder(DEFAULT_TEXT_ENCODER, cache_dir=cache_dir or Path(out_dir) / "text-cache",
+                          progress=progress)
+    data = import_dataset(
+        recipe["format"], src, name=recipe["name"], domain=name, k_core=recipe["k_core"], text_encoder=encoder,
+        image_features=None if image is None else FeatureFile(str(src / image["file"]), format="raw",
+                                                              dim=image["dim"], encoder=image["encoder"]))
+    if data.items.image is None:
+        n = data.items.num_items + 1
+        data.items = data.items.with_features(image=np.zeros((n, IMAGE_DIM), np.float32),
+                                              image_mask=np.zeros(n, bool), image_encoder=None)
+    build_shards(data, str(out), shard_size=recipe["shard_size"], items_per_shard=recipe["items_per_shard"],
+                 extra={"sample": name, "fingerprint": fingerprint}, progress=progress)
+    return str(out)

@@ -1,0 +1,328 @@
+"""``SequenceLoader``: shards on any fsspec URL -> training / evaluation batches.
+
+How an epoch is cut (a pure function of the manifest, the loader's arguments and
+the epoch, so every rank and worker computes the same plan without talking):
+
+1. The split's samples are enumerated shard by shard, each shard's users in stored
+   order and each user's targets in order (``samples.sample_index``). With
+   ``shuffle``, the shard order is a permutation drawn from ``(seed, epoch)``.
+2. That stream of ``T`` samples is cut into ``world_size`` contiguous ranges whose
+   sizes differ by at most one, and each rank's range into ``max(num_workers, 1)``
+   worker *slots* the same way. Every sample of the epoch is in exactly one slot.
+   A slot reads only the shards its range touches.
+3. A slot groups its shard pieces into chunks of at least ``shuffle_buffer`` samples
+   and (with ``shuffle``) permutes each chunk with a generator seeded by
+   ``(seed, epoch, rank, slot, chunk)``; histories are cut on the fly (last
+   ``max_len`` items before the target) and batched to ``batch_size`` rows.
+4. Every rank yields the same number of batches: a slot's last partial batch is
+   filled with weight-0 rows, and a slot that has fewer batches than the same slot
+   of another rank appends all-padding batches (``len(loader)`` is that count, and it
+   does not change between epochs). With ``drop_last`` every slot instead stops
+   after the smallest full-batch count of that slot over the ranks.
+
+Resuming: the loader counts, per slot, the batches it has handed out.
+``state_dict()`` saves them; after ``load_state_dict()`` each slot skips its first
+``k * batch_size`` samples (whole chunks are skipped without being read), so the rest of
+the epoch is delivered exactly once. Batch order across slots after a resume can
+differ from the uninterrupted run (the DataLoader restarts its round-robin at
+worker 0); the set of samples of every slot is identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import ShardsConfig
+from .errors import ShardError
+from .samples import SPLITS, collate_index, sample_index
+from .shards import decode_sequence, read_manifest, read_shard_records
+from .storage import Store
+
+__all__ = ["SequenceLoader"]
+
+_DEFAULTS = ShardsConfig(url="-")
+
+
+def _ranges(total: int, parts: int) -> np.ndarray:
+    """int64 [parts+1] boundaries of ``parts`` contiguous ranges of ``total`` (sizes differ by <= 1)."""
+    return np.array([(p * total) // parts for p in range(parts + 1)], dtype=np.int64)
+
+
+class _Chunk:
+    """Samples over CSR sequences: ``items``/``times`` [N], ``offsets`` [U+1], ``users`` [U];
+    sample ``r`` is target index ``target[r]`` of sequence ``seq[r]``."""
+
+    __slots__ = ("items", "times", "offsets", "users", "seq", "target")
+
+    def __init__(self, items, times, offsets, users, seq, target):
+        self.items, self.times, self.offsets, self.users = items, times, offsets, users
+        self.seq, self.target = seq, target
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def take(self, sel) -> "_Chunk":
+        return _Chunk(self.items, self.times, self.offsets, self.users, self.seq[sel], self.target[sel])
+
+    @staticmethod
+    def concat(parts: list["_Chunk"]) -> "_Chunk":
+        if len(parts) == 1:
+            return parts[0]
+        base_items = np.cumsum([0] + [len(p.items) for p in parts[:-1]])
+        base_users = np.cumsum([0] + [len(p.users) for p in parts[:-1]])
+        return _Chunk(
+            np.concatenate([p.items for p in parts]),
+            np.concatenate([p.times for p in parts]),
+            np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + b for p, b in zip(parts, base_items)]),
+            np.concatenate([p.users for p in parts]),
+            np.concatenate([p.seq + b for p, b in zip(parts, base_users)]),
+            np.concatenate([p.target for p in parts]),
+        )
+
+
+class _SlotStream(IterableDataset):
+    """What one DataLoader worker runs: the batches of its slot, tagged ``(slot, batch)``."""
+
+    def __init__(self, loader: "SequenceLoader", epoch: int, skip: list[int]):
+        self.loader = loader
+        self.epoch = epoch
+        self.skip = skip
+
+    def __iter__(self):
+        info = get_worker_info()
+        slot = 0 if info is None else info.id
+        for batch in self.loader._slot_batches(self.epoch, slot, self.skip[slot]):
+            yield slot, batch
+
+
+class SequenceLoader:
+    """Iterable of batch dicts (``docs/architecture.md``) streamed from a shard set.
+
+    Args:
+        cfg_or_url: a :class:`ShardsConfig` (its fields are the defaults of the
+            arguments below) or the shard set's URL.
+        split: ``"train"`` (every prefix of every user), ``"valid"`` / ``"test"`` (one
+            sample per user, each user on exactly one rank).
+        batch_size: rows per batch on this rank (valid/test: ``eval_batch_size`` of the
+            config when set).
+        max_len: history length L.
+        rank / world_size: this process's place in the job.
+        num_workers: DataLoader worker processes (0: read in this process).
+        seed: with the epoch, fixes the order.
+        shuffle: default True for train, False for valid/test.
+        drop_last: drop partial batches (see the module docstring) instead of padding them.
+        storage_options: fsspec options (S3 endpoint/credentials), else the config's.
+        shuffle_buffer: samples per shuffled chunk and worker.
+        verify: check each shard's sha256 against the manifest when it is read.
+
+    The epoch is set with :meth:`set_epoch`; ``len(loader)`` is the number of batches
+    every rank yields per epoch.
+    """
+
+    def __init__(self, cfg_or_url: ShardsConfig | str, split: str = "train", batch_size: int | None = None,
+                 max_len: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int | None = None,
+                 seed: int | None = None, shuffle: bool | None = None, drop_last: bool | None = None,
+                 storage_options: Mapping[str, Any] | None = None, shuffle_buffer: int | None = None,
+                 verify: bool | None = None):
+        cfg = cfg_or_url if isinstance(cfg_or_url, ShardsConfig) else _DEFAULTS
+        url = cfg.url if isinstance(cfg_or_url, ShardsConfig) else str(cfg_or_url)
+        if split not in SPLITS:
+            raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
+        eval_bs = cfg.eval_batch_size if split != "train" else None
+        self.split = split
+        self.batch_size = int(batch_size or eval_bs or cfg.batch_size)
+        self.max_len = int(max_len or cfg.max_len)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
+        self.seed = cfg.seed if seed is None else int(seed)
+        self.shuffle = (cfg.shuffle and split == "train") if shuffle is None else bool(shuffle)
+        self.drop_last = cfg.drop_last if drop_last is None else bool(drop_last)
+        self.shuffle_buffer = int(shuffle_buffer or cfg.shuffle_buffer)
+        self.verify = cfg.verify_checksums if verify is None else bool(verify)
+        if self.batch_size < 1 or self.max_len < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("batch_size, max_len and shuffle_buffer must be >= 1 and num_workers >= 0")
+        if storage_options is None and isinstance(cfg_or_url, ShardsConfig):
+            storage_options = cfg.storage.to_options()
+        self.store = Store(url, storage_options)
+        self.manifest = read_manifest(url, store=self.store)
+        self._shards = self.manifest["sequences"]["shards"]
+        self._counts = np.array([s["samples"][split] for s in self._shards], dtype=np.int64)
+        self.num_samples = int(self._counts.sum())
+        self.num_slots = max(self.num_workers, 1)
+        # [world_size, num_slots] samples of every slot of every rank (epoch-independent).
+        rank_bounds = _ranges(self.num_samples, self.world_size)
+        self._slot_samples = np.array([np.diff(_ranges(int(n), self.num_slots)) for n in np.diff(rank_bounds)])
+        per_slot = self._slot_samples
+        if self.drop_last:
+            self._slot_batches_target = (per_slot // self.batch_size).min(axis=0)
+        else:
+            self._slot_batches_target = (-(-per_slot // self.batch_size)).max(axis=0)
+        self._epoch = 0
+        self._consumed = [0] * self.num_slots
+        self._resumed = False
+
+    # ------------------------------------------------------------------ public
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def __len__(self) -> int:
+        return int(self._slot_batches_target.sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (order). Moving to another epoch starts it from its beginning."""
+        if epoch != self._epoch:
+            self._epoch = int(epoch)
+            self._consumed = [0] * self.num_slots
+            self._resumed = False
+
+    def _fingerprint(self) -> str:
+        key = {"shards": [s["sha256"] for s in self._shards], "split": self.split, "batch_size": self.batch_size,
+               "max_len": self.max_len, "rank": self.rank, "world_size": self.world_size,
+               "slots": self.num_slots, "seed": self.seed, "shuffle": self.shuffle,
+               "shuffle_buffer": self.shuffle_buffer, "drop_last": self.drop_last}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        """``{"epoch", "batches": [per slot], "fingerprint"}``: where this rank is in the epoch."""
+        return {"epoch": self._epoch, "batches": list(self._consumed), "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``; the next iteration yields exactly the rest of that epoch."""
+        if state.get("fingerprint") != self._fingerprint():
+            raise ValueError("loader state was saved with different shards or loader settings (split, batch size, "
+                             "max_len, rank, world size, workers, seed, shuffle); it cannot be resumed exactly")
+        batches = [int(b) for b in state["batches"]]
+        if any(b < 0 or b > t for b, t in zip(batches, self._slot_batches_target)):
+            raise ValueError(f"loader state batches {batches} exceed the epoch's {self._slot_batches_target.tolist()}")
+        self._epoch = int(state["epoch"])
+        self._consumed = batches
+        self._resumed = True
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        done = all(c >= t for c, t in zip(self._consumed, self._slot_batches_target))
+        if done and not self._resumed:  # a finished epoch starts over
+            self._consumed = [0] * self.num_slots
+        self._resumed = False
+        stream = _SlotStream(self, self._epoch, list(self._consumed))
+        if self.num_workers == 0:
+            for slot, batch in stream:
+                self._consumed[slot] += 1
+                yield batch
+            return
+        batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
+        try:
+            for slot, batch in batches:
+                self._consumed[slot] += 1
+                yield batch
+        finally:
+            # Stop the workers now, also when the caller stops early or an error surfaces;
+            # left to garbage collection, their shutdown can stall for seconds.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    # ------------------------------------------------------------------ plan
+    def _slot_pieces(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
+        """``(shard, lo, hi)``: the slot's sample ranges within shards, in stream order."""
+        order = (np.random.default_rng([self.seed, epoch]).permutation(len(self._shards)) if self.shuffle
+                 else np.arange(len(self._shards)))
+        rank_start = int(self._slot_samples[:self.rank].sum())
+        a = rank_start + int(self._slot_samples[self.rank, :slot].sum())
+        b = a + int(self._slot_samples[self.rank, slot])
+        pieces, pos = [], 0
+        for s in order:
+            c = int(self._counts[s])
+            lo, hi = max(a, pos), min(b, pos + c)
+            if lo < hi:
+                pieces.append((int(s), lo - pos, hi - pos))
+            pos += c
+            if pos >= b:
+                break
+        return pieces
+
+    def _chunks(self, pieces):
+        """Group pieces into chunks of >= shuffle_buffer samples (one piece each without shuffle)."""
+        chunks, cur, n = [], [], 0
+        for p in pieces:
+            cur.append(p)
+            n += p[2] - p[1]
+            if not self.shuffle or n >= self.shuffle_buffer:
+                chunks.append(cur)
+                cur, n = [], 0
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def _read_piece(self, shard: int, lo: int, hi: int) -> _Chunk:
+        entry = self._shards[shard]
+        where = self.store.display(entry["path"])
+        recs = [decode_sequence(r, where) for r in read_shard_records(self.store, entry, self.verify)]
+        lengths = np.array([len(r["items"]) for r in recs], dtype=np.int64)
+        seq, target = sample_index(lengths, self.split)
+        if len(seq) != entry["samples"][self.split]:
+            raise ShardError(where, f"holds {len(seq)} {self.split} samples, the manifest says "
+                                    f"{entry['samples'][self.split]}")
+        offsets = np.zeros(len(recs) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return _Chunk(
+            np.concatenate([r["items"] for r in recs]) if recs else np.zeros(0, np.int64),
+            np.concatenate([r["times"] for r in recs]) if recs else np.zeros(0, np.float64),
+            offsets, np.array([int(r["user"]) for r in recs], dtype=np.int64), seq[lo:hi], target[lo:hi])
+
+    def _slot_batches(self, epoch: int, slot: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one slot, starting after its first ``skip_batches``."""
+        B, target_batches = self.batch_size, int(self._slot_batches_target[slot])
+        emitted = skip_batches
+        skip = skip_batches * B
+        pending: _Chunk | None = None
+        pos = 0  # first sample of the current chunk within the slot's stream
+        for c, group in enumerate(self._chunks(self._slot_pieces(epoch, slot))):
+            size = sum(hi - lo for _, lo, hi in group)
+            if pos + size <= skip:  # resume: skipped without reading
+                pos += size
+                continue
+            chunk = _Chunk.concat([self._read_piece(*p) for p in group])
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, self.rank, slot, c])
+                chunk = chunk.take(rng.permutation(len(chunk)))
+            if skip > pos:
+                chunk = chunk.take(slice(skip - pos, None))
+            pos += size
+            if pending is not None:
+                chunk = _Chunk.concat([pending, chunk])
+            full = len(chunk) // B
+            for i in range(full):
+                if emitted >= target_batches:
+                    return
+                yield self._collate(chunk.take(slice(i * B, (i + 1) * B)))
+                emitted += 1
+            pending = chunk.take(slice(full * B, None)) if len(chunk) % B else None
+        if pending is not None and emitted < target_batches and not self.drop_last:
+            yield self._collate(pending)
+            emitted += 1
+        empty = _Chunk(np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(1, np.int64),
+                       np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        while emitted < target_batches:  # keep ranks in step
+            yield self._collate(empty)
+            emitted += 1
+
+    def _collate(self, chunk: _Chunk) -> dict[str, torch.Tensor]:
+        return collate_index(chunk.items, chunk.times, chunk.offsets, chunk.users, chunk.seq, chunk.target,
+                             self.max_len, pad_to=self.batch_size)
+
+    def __repr__(self) -> str:
+        return (f"SequenceLoader({self.url!r}, split={self.split}, {self.num_samples} samples, "
+                f"rank {self.rank}/{self.world_size}, {self.num_slots} slot(s), batch {self.batch_size}, "
+                f"{len(self)} batches/epoch)")

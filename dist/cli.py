@@ -1,0 +1,155 @@
+"""``mmm4rec train | evaluate | export``: the distributed trainer's commands.
+
+Kept import-light (``mmm4rec --help`` imports every command module): torch,
+DeepSpeed and torchrec are imported inside the commands.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+__all__ = ["register", "launcher_command", "launcher_env"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO_ROOT / "dist" / "train.py"
+
+
+def _default_nproc() -> int:
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 -- torch missing/broken: let the launcher report it
+        return 1
+
+
+def launcher_env(nproc: int, base: dict | None = None) -> dict:
+    """Environment for a local multi-process launch: DeepSpeed's CPU accelerator when
+    there is no GPU, one shared extension cache, the cores split between processes."""
+    env = dict(os.environ if base is None else base)
+    from .config import default_cache_dir
+
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        gpu = False
+    if not gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                             if p])
+    return env
+
+
+def launcher_command(nproc: int, train_args: list[str], launcher: str = "deepspeed",
+                     master_port: int | None = None) -> list[str]:
+    """The command line that runs dist/train.py on ``nproc`` local processes."""
+    py = sys.executable
+    if launcher == "deepspeed":
+        exe = shutil.which("deepspeed", path=os.path.dirname(py) + os.pathsep + os.environ.get("PATH", ""))
+        cmd = [exe] if exe else [py, "-m", "deepspeed.launcher.runner"]
+        cmd += ["--num_gpus", str(nproc)]
+        if master_port:
+            cmd += ["--master_port", str(master_port)]
+        return cmd + [str(TRAIN_PY), *train_args]
+    if launcher == "torchrun":
+        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        if master_port:
+            cmd += ["--master_port", str(master_port)]
+        return cmd + [str(TRAIN_PY), *train_args]
+    if launcher == "none":
+        return [py, str(TRAIN_PY), *train_args]
+    raise ValueError(f"--launcher must be deepspeed, torchrun or none, got {launcher!r}")
+
+
+# ------------------------------------------------------------------ commands
+def _train(args) -> int:
+    train_args = ["--config", args.config]
+    if args.output_dir:
+        train_args += ["--output-dir", args.output_dir]
+    for ov in args.overrides:
+        train_args += ["--set", ov]
+    if args.resume:
+        train_args.append("--resume")
+    nproc = args.nproc or _default_nproc()
+    launcher = "none" if nproc == 1 and args.launcher == "auto" else \
+        ("deepspeed" if args.launcher == "auto" else args.launcher)
+    cmd = launcher_command(nproc, train_args, launcher, args.master_port)
+    env = launcher_env(nproc)
+    print("[mmm4rec] " + " ".join(cmd), file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached
+
+
+def _export(args) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out} (model.safetensors + config.json)")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .evaluate_cmd import evaluate_path
+
+    metrics = evaluate_path(args.path, args.config, args.split, args.overrides)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="distributed training (DeepSpeed ZeRO + torchrec) through the deepspeed launcher",
+        description="Run dist/train.py on N local processes through the deepspeed launcher (torchrun with "
+                    "--launcher torchrun; one plain process with --nproc 1). On a machine without GPUs it sets "
+                    "DS_ACCELERATOR=cpu and splits the cores between processes (OMP_NUM_THREADS). For clusters "
+                    "use slurm/pretrain.sh and slurm/finetune.sh.")
+    p.add_argument("--config", required=True, metavar="PATH", help="experiment YAML")
+    p.add_argument("--output-dir", metavar="DIR", help="run directory (default runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. --set train.epochs=3)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    p.add_argument("--nproc", "--num-gpus", type=int, default=None, metavar="N",
+                   help="processes (default: the number of GPUs, else 1)")
+    p.add_argument("--launcher", choices=("auto", "deepspeed", "torchrun"), default="auto",
+                   help="auto: deepspeed for N > 1, a plain process for N = 1")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (launcher default otherwise)")
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser(
+        "export", help="write a checkpoint's transferable weights (safetensors + config.json)",
+        description="Export the dense (transferable) weights of a dist/train.py checkpoint -- adapters and blocks, "
+                    "not the item feature tables nor the ID term -- as model.safetensors + config.json, the format of "
+                    "SeqRecModel.save_pretrained, loadable with MMM4Rec.from_pretrained(OUT). Works for every ZeRO "
+                    "stage (ZeRO-3 partitions are consolidated with DeepSpeed's fp32 utilities).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N), or a run's OUTPUT_DIR or "
+                        "checkpoints directory (its best checkpoint)")
+    p.add_argument("out", metavar="OUT", help="output directory (replaced atomically)")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser(
+        "evaluate", help="full-ranking HR/NDCG/MRR@K of a checkpoint or an export on a split",
+        description="Evaluate a checkpoint (dense weights + trainable item tables) or an export (dense weights; the "
+                    "item features come from the data, an ID term starts at zero) on the valid or test split of the "
+                    "experiment's data, ranking every user's target against all items, in one process.")
+    p.add_argument("path", metavar="CHECKPOINT|EXPORT",
+                   help="checkpoint directory, run OUTPUT_DIR (its best checkpoint), or export directory")
+    p.add_argument("--config", metavar="PATH", default=None,
+                   help="experiment YAML naming the data and eval settings (default for a checkpoint: its own "
+                        "config.yaml; required for an export)")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. --set data.url=s3://bucket/other)")
+    p.add_argument("--output", metavar="FILE", help="also write the metrics JSON here")
+    p.set_defaults(func=_evaluate)

@@ -1,0 +1,351 @@
+"""The experiment config of ``dist/train.py``: one YAML file, typed and validated.
+
+Sections (each a dataclass, loaded through :mod:`mmm4rec.config`, so unknown keys,
+types and invariants fail with the dotted field name)::
+
+    name:        run name (free text, shown in logs)
+    model:       type (mmm4rec | sasrec) + that model's config fields, flat
+    data:        data_shards.ShardsConfig (url, batch_size per rank, max_len, ...)
+                 + sample (bundled sample instead of a url) + sample_dir
+    tables:      the torchrec item tables: sharding and the fused optimizer
+    train:       loss, optimizer, schedule, epochs, accumulation, clipping, precision,
+                 DeepSpeed JSON, init_from (an export to fine-tune from)
+    eval:        ks, the early-stopping metric and patience, history masking
+    checkpoint:  where (path or fsspec URL), how often, how many to keep
+
+Fields that the data decides (``num_items``, ``max_len``, ``text_dim``, ``image_dim``)
+are filled from the shard manifest by :func:`resolve_model_config`; giving a value
+that disagrees with the data is an error, not a silent override.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from data_shards import ShardsConfig, StorageConfig
+from mmm4rec.config import ConfigError, from_dict, load_yaml, to_dict
+from mmm4rec.models import MODELS
+
+__all__ = ["ExperimentConfig", "DataSection", "TablesConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
+           "EvalConfig", "CheckpointConfig", "load_experiment", "resolve_model_config", "load_deepspeed_config",
+           "REPO_ROOT", "SAMPLE_NAMES"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED_DIR = REPO_ROOT / "configs" / "deepspeed"
+SAMPLE_NAMES = ("office", "scientific_mm")
+#: model fields the data decides (filled from the manifest, checked when given)
+DATA_FIELDS = ("num_items", "max_len", "text_dim", "image_dim")
+METRIC_RE = re.compile(r"^(hr|ndcg|mrr)@(\d+)$")
+
+
+def default_cache_dir() -> Path:
+    """``$MMM4REC_CACHE`` or ``<repo>/.cache``: DeepSpeed's JIT ops, bundled sample shards."""
+    return Path(os.environ.get("MMM4REC_CACHE") or REPO_ROOT / ".cache")
+
+
+@dataclass
+class DataSection(ShardsConfig):
+    """``data_shards.ShardsConfig`` plus the bundled samples.
+
+    ``sample: office | scientific_mm`` (with no ``url``) builds that bundled sample's
+    shards once into ``sample_dir`` (default ``$MMM4REC_CACHE/samples`` or
+    ``<repo>/.cache/samples``) and uses them; a given ``url`` always wins.
+    """
+
+    sample: Optional[Literal["office", "scientific_mm"]] = None
+    sample_dir: str = ""
+
+    def validate(self) -> None:
+        if self.url and self.sample:
+            raise ConfigError(f"sample: give either url ({self.url}) or sample ({self.sample}), not both")
+        if not self.url and not self.sample:
+            raise ConfigError("url: required: the shard set's URL (a local path or s3://bucket/prefix), "
+                              "or sample: office|scientific_mm for a bundled sample")
+        ShardsConfig.validate(dataclasses.replace(self, url=self.url or f"sample:{self.sample}"))
+
+    def resolved_sample_dir(self) -> Path:
+        return Path(self.sample_dir) if self.sample_dir else default_cache_dir() / "samples"
+
+
+@dataclass
+class TablesConfig:
+    """The torchrec item tables (frozen features + trainable ID/fusion rows).
+
+    ``optimizer`` is fused into the backward pass of the trainable tables (fbgemm):
+    ``adagrad`` / ``rowwise_adagrad`` / ``sgd`` run everywhere, ``adam`` only on GPU
+    (fbgemm's CPU kernels do not implement it). ``lr`` follows the dense LR schedule
+    (warm-up/decay multiplier) when ``follow_schedule``.
+    """
+
+    sharding: Literal["row_wise", "table_wise"] = "row_wise"
+    optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    follow_schedule: bool = True
+
+    def validate(self) -> None:
+        if self.lr < 0:
+            raise ConfigError(f"lr: must be >= 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class OptimizerConfig:
+    """The dense optimizer (a torch optimizer handed to ``deepspeed.initialize``).
+
+    ``nadam`` and ``adam`` apply ``weight_decay`` as coupled L2 (added to the gradient,
+    as the paper's NAdam); ``adamw`` decays decoupled.
+    """
+
+    name: Literal["nadam", "adamw", "adam"] = "nadam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: expected two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    """LR multiplier per optimizer step: linear warm-up over ``warmup_steps``, then
+    ``decay`` (none | linear | cosine) down to ``min_lr_ratio`` at the last step."""
+
+    warmup_steps: int = 0
+    decay: Literal["none", "linear", "cosine"] = "none"
+    min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``data.batch_size`` is the micro-batch per rank; the global batch
+    is ``batch_size * gradient_accumulation_steps * world_size``."""
+
+    loss: Literal["full", "inbatch"] = "full"          # full softmax (fine-tune) / in-batch (pretrain)
+    mask_duplicates: bool = False                      # in-batch: mask repeats of the positive
+    loss_chunk_size: Optional[int] = None              # full softmax over item chunks (huge catalogs)
+    epochs: int = 100
+    max_steps: int = 0                                 # stop after this many optimizer steps (0: no limit)
+    steps_per_epoch: int = 0                           # cap an epoch at this many steps (0: whole epoch)
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 0.0                             # max global L2 norm of the dense grads (0: off)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    deepspeed: str = "zero2"                           # configs/deepspeed/<name>.json or a JSON path
+    seed: int = 2020
+    init_from: Optional[str] = None                    # an export directory (fine-tuning)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    log_every_steps: int = 10
+
+    def validate(self) -> None:
+        for name in ("epochs", "gradient_accumulation_steps", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0 = no limit), got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ConfigError(f"loss_chunk_size: must be >= 1, got {self.loss_chunk_size}")
+        if self.mask_duplicates and self.loss != "inbatch":
+            raise ConfigError("mask_duplicates: only applies to loss: inbatch")
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking evaluation: HR/NDCG/MRR@ks over all items, every ``every_epochs``
+    on valid (early stopping on ``metric`` with ``patience`` evaluations, 0 = never
+    stop early), and on test with the best checkpoint at the end."""
+
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    metric: str = "ndcg@10"
+    patience: int = 10
+    every_epochs: int = 1
+    mask_history: bool = False
+    item_chunk_size: int = 65536   # items looked up / scored per chunk
+    test: bool = True
+
+    def validate(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"ks: expected positive cut-offs, got {self.ks}")
+        m = METRIC_RE.match(self.metric)
+        if not m:
+            raise ConfigError(f"metric: expected hr@K, ndcg@K or mrr@K, got {self.metric!r}")
+        if int(m.group(2)) not in self.ks:
+            raise ConfigError(f"metric: {self.metric} needs K={m.group(2)} in ks {self.ks}")
+        for name in ("every_epochs", "item_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError(f"patience: must be >= 0 (0 = no early stopping), got {self.patience}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints go to ``dir`` (default ``OUTPUT_DIR/checkpoints``; a local path or an
+    fsspec URL such as ``s3://bucket/run/checkpoints``) at every epoch end and every
+    ``every_steps`` optimizer steps (0: epoch ends only). The ``keep_last`` newest and
+    the best one are kept."""
+
+    dir: str = ""
+    every_steps: int = 0
+    keep_last: int = 2
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"every_steps: must be >= 0, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ConfigError(f"keep_last: must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataSection
+    name: str = "mmm4rec"
+    model: dict[str, Any] = field(default_factory=lambda: {"type": "mmm4rec"})
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def model_type(self) -> str:
+        return self.model.get("type", "mmm4rec")
+
+    def model_fields(self) -> dict[str, Any]:
+        """The model section without ``type``: fields of the model's config class."""
+        return {k: v for k, v in self.model.items() if k != "type"}
+
+    def validate(self) -> None:
+        mtype = self.model_type
+        if mtype not in MODELS:
+            raise ConfigError(f"model.type: must be one of {sorted(MODELS)}, got {mtype!r}")
+        # type-check the model fields now (data-decided ones get placeholders)
+        fields = {"num_items": 1, **self.model_fields()}
+        from_dict(MODELS[mtype].config_cls, fields, _path="model")
+        if self.data.max_len and "max_len" in self.model and self.model["max_len"] != self.data.max_len:
+            raise ConfigError(f"model.max_len: {self.model['max_len']} differs from data.max_len "
+                              f"{self.data.max_len} (set one of them)")
+        if self.train.loss == "inbatch" and self.data.batch_size < 2:
+            raise ConfigError("data.batch_size: the in-batch loss needs at least 2 rows per batch")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_experiment(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment YAML with ``--set key=value`` overrides."""
+    return load_yaml(ExperimentConfig, path, overrides)
+
+
+# ------------------------------------------------------------------------- model
+def resolve_model_config(cfg: ExperimentConfig, manifest: dict):
+    """The typed model config for this data: ``num_items``, ``max_len`` and the feature
+    dims come from the shard manifest; a conflicting explicit value is an error."""
+    mtype = cfg.model_type
+    config_cls = MODELS[mtype].config_cls
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    feats = manifest.get("features", {})
+    from_data = {"num_items": int(manifest["num_items"]), "max_len": cfg.data.max_len}
+    if "text_dim" in known and feats.get("text", {}).get("dim"):
+        from_data["text_dim"] = int(feats["text"]["dim"])
+    if "image_dim" in known and feats.get("image", {}).get("dim"):
+        from_data["image_dim"] = int(feats["image"]["dim"])
+    fields = cfg.model_fields()
+    for k, v in from_data.items():
+        if k in fields and fields[k] != v:
+            src = "data.max_len" if k == "max_len" else f"the data ({cfg.data.url})"
+            raise ConfigError(f"model.{k}: {fields[k]} differs from {src}: {v} (leave it unset: it is "
+                              f"taken from the data)")
+    return mtype, from_dict(config_cls, {**fields, **from_data}, _path="model")
+
+
+# ---------------------------------------------------------------------- deepspeed
+#: DeepSpeed fields the experiment YAML owns (set from it; the JSON must not disagree)
+_DS_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def deepspeed_json_path(spec: str, config_file: str | os.PathLike | None = None) -> Path:
+    """``zero2`` -> ``configs/deepspeed/zero2.json``; a path is taken as is (relative to
+    the working directory, else to the experiment file's directory)."""
+    if not spec.endswith(".json") and "/" not in spec:
+        return DEEPSPEED_DIR / f"{spec}.json"
+    p = Path(spec)
+    if not p.is_absolute() and not p.exists() and config_file is not None:
+        alt = Path(config_file).parent / p
+        if alt.exists():
+            return alt
+    return p
+
+
+def load_deepspeed_config(cfg: ExperimentConfig, config_file: str | os.PathLike | None = None) -> tuple[Path, dict]:
+    """Read and check the experiment's DeepSpeed JSON (ZeRO stage 0-3, no fields the
+    experiment YAML owns). The batch, accumulation, clipping and precision fields are
+    filled by :func:`finalize_deepspeed_config` once the world size is known."""
+    path = deepspeed_json_path(cfg.train.deepspeed, config_file)
+    if not path.is_file():
+        names = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
+        raise ConfigError(f"train.deepspeed: {path} not found (bundled: {names}, or give a JSON path)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: top level must be an object")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: zero_optimization must be an object")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        dev = (zero.get(key) or {}).get("device", "none")
+        if dev not in (None, "none"):
+            raise ConfigError(f"{path}: zero_optimization.{key} is not supported here (its CPU Adam needs "
+                              f"DeepSpeed's own optimizer; this trainer hands DeepSpeed a torch optimizer)")
+    owned = [k for k in _DS_OWNED if k in ds]
+    if owned:
+        raise ConfigError(f"{path}: {owned} are set by the experiment YAML (data.batch_size, "
+                          f"train.gradient_accumulation_steps, train.grad_clip, train.precision, "
+                          f"train.optimizer, train.schedule); remove them from the JSON")
+    return path, ds
+
+
+def finalize_deepspeed_config(ds: dict, cfg: ExperimentConfig, world_size: int) -> dict:
+    """The DeepSpeed config handed to ``deepspeed.initialize``. Mixed precision is torch
+    autocast around the forward (see ``dist/engine.py``), so DeepSpeed itself stays fp32."""
+    out = json.loads(json.dumps(ds))
+    out["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    out["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
+    out["train_batch_size"] = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * world_size
+    out["gradient_clipping"] = cfg.train.grad_clip
+    out.setdefault("zero_allow_untested_optimizer", True)
+    out.setdefault("steps_per_print", 10 ** 9)
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

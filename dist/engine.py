@@ -1,0 +1,82 @@
+"""The dense side: torch optimizer, LR schedule, ``deepspeed.initialize``, precision.
+
+Only ``model.dense`` (the transferable weights) goes to DeepSpeed; the item tables
+are torchrec's (``dist/tables.py``). DeepSpeed gets a *torch* optimizer object
+(NAdam with coupled L2 as in the paper, Adam, or AdamW): a DeepSpeed ``"optimizer"``
+block would select its fused CPU Adam, which JIT-compiles for minutes on CPU and
+cannot do NAdam.
+
+Precision: DeepSpeed keeps fp32 weights, gradients and optimizer state (on every
+ZeRO stage); ``bf16`` runs the forward under ``torch.autocast`` (GPU). This keeps
+one numerics path for CPU and GPU, keeps the model's float64 time deltas and
+LayerNorms in fp32 where autocast says so, and the dense part is small (a few
+million weights), so fp32 master state is cheap. DeepSpeed's own ``bf16`` mode
+would cast the module to bf16 and require every input to match.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .config import ExperimentConfig, OptimizerConfig, ScheduleConfig
+
+__all__ = ["build_optimizer", "lr_multiplier", "build_scheduler", "build_engine", "resolve_precision",
+           "autocast"]
+
+
+def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "nadam":   # weight_decay is coupled L2 (decoupled_weight_decay=False), as the paper
+        return torch.optim.NAdam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer.name: unknown optimizer {cfg.name!r}")
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    """The LR factor for optimizer step ``step`` (0-based) of ``total_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "none" or total_steps <= cfg.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.decay == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+    """A ``LambdaLR`` (state saved by DeepSpeed with the engine)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, cfg))
+
+
+def build_engine(dense: torch.nn.Module, cfg: ExperimentConfig, ds_config: dict, total_steps: int):
+    """``deepspeed.initialize`` on the dense module with a torch optimizer + LR schedule."""
+    import deepspeed
+
+    optimizer = build_optimizer(dense.parameters(), cfg.train.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.train.schedule, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=dense, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("train.precision: bf16 needs a CUDA device here (use fp32 or auto on CPU)")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,187 @@
+"""Process setup: environment, process group, device, seeds and RNG state.
+
+One code path for every launcher: ``deepspeed``, ``torchrun`` and Slurm's ``srun``
+(through ``slurm/common.sh``) export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+``MASTER_ADDR``/``MASTER_PORT``; a plain ``python dist/train.py`` has none of them
+and runs as a world of one (a free local port is picked). CUDA -> NCCL, else gloo
+through DeepSpeed's CPU accelerator.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+from .config import default_cache_dir
+
+__all__ = ["DistEnv", "prepare_process_env", "init_distributed", "seed_everything", "rng_state", "set_rng_state"]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_process_env() -> None:
+    """Environment that must be set before DeepSpeed is imported.
+
+    * ``DS_ACCELERATOR=cpu`` when there is no CUDA device (DeepSpeed then uses gloo),
+    * ``TORCH_EXTENSIONS_DIR`` under ``$MMM4REC_CACHE`` (default ``<repo>/.cache``) so
+      DeepSpeed's JIT-built shared-memory comm op (60-95 s on CPU) is built once,
+    * a single-process run gets ``RANK=0 WORLD_SIZE=1`` and a free local port,
+    * CPU threads: ``OMP_NUM_THREADS`` if set, else the cores split between the
+      processes of this node.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("LOCAL_SIZE", str(local_world))   # DeepSpeed's CPU accelerator counts devices by it
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "torch.device"  # noqa: F821
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def barrier(self) -> None:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+    def all_reduce_sum(self, t):
+        """In-place sum over ranks (gloo on CPU, NCCL on the device), returns ``t``."""
+        import torch.distributed as tdist
+
+        if self.world_size > 1:
+            if self.backend == "nccl" and t.device.type != "cuda":
+                moved = t.to(self.device)
+                tdist.all_reduce(moved)
+                t.copy_(moved.cpu())
+            else:
+                tdist.all_reduce(t)
+        return t
+
+    def broadcast_object(self, obj, src: int = 0):
+        import torch.distributed as tdist
+
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        import torch.distributed as tdist
+
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+
+def init_distributed() -> DistEnv:
+    """Initialise the default process group through DeepSpeed (env:// rendezvous)."""
+    import deepspeed
+    import torch
+    import torch.distributed as tdist
+
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   rank=rank, world_size=world)
+    return DistEnv(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; every rank gets its own stream (``seed + rank``),
+    so dropout masks differ between ranks as they would between micro-batches."""
+    import numpy as np
+    import torch
+
+    s = int(seed) + int(rank)
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> tuple[dict, dict]:
+    """This process's RNG state as (JSON-able dict, tensors dict): no pickle needed."""
+    import numpy as np
+    import torch
+
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict) -> None:
+    import numpy as np
+    import torch
+
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    kind, keys, pos, has_gauss, g = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, g))
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+@contextlib.contextmanager
+def rng_isolated():
+    """Run a block without touching the caller's torch CPU RNG stream (used around data
+    loading: a DataLoader with workers draws its base seed from the global generator,
+    which would otherwise shift every later dropout mask after a resume)."""
+    import torch
+
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)

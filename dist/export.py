@@ -1,0 +1,109 @@
+"""Export: a checkpoint's transferable weights -> ``model.safetensors`` + ``config.json``.
+
+The output is exactly what ``SeqRecModel.save_pretrained`` writes, so
+``MMM4Rec.from_pretrained(OUT)`` loads it: only ``model.dense`` (adapters, blocks,
+norms, shared fusion weight), never the per-domain item tables or the ID term.
+
+The dense weights are read from DeepSpeed's checkpoint at any ZeRO stage: stage 0
+from the module state, stages 1-3 consolidated from the fp32 optimizer partitions
+with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` -- inside
+:func:`~dist.checkpoint.safe_torch_load`, so nothing is unpickled beyond tensors and
+DeepSpeed's three plain data types.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import ENGINE_TAG, CheckpointDir, safe_torch_load
+
+__all__ = ["dense_state_dict", "export_checkpoint", "write_export", "model_from_checkpoint"]
+
+
+def dense_state_dict(ck: CheckpointDir) -> dict[str, torch.Tensor]:
+    """The dense module's fp32 state dict from a checkpoint (any ZeRO stage)."""
+    stage = int(ck.state.get("zero_stage", 0))
+    with safe_torch_load():
+        if stage == 0:
+            files = sorted(ck.engine_dir.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise FileNotFoundError(f"{ck.engine_dir}: no DeepSpeed model states")
+            state = torch.load(files[0], map_location="cpu")["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ck.path), tag=ENGINE_TAG)
+    return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+            for k, v in state.items()}
+
+
+def write_export(model_type: str, config, state: dict[str, torch.Tensor], out: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` atomically (temp dir, then rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    (tmp / "config.json").write_text(json.dumps({"model_type": model_type, "config": cfg}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, out: str | os.PathLike) -> Path:
+    """``mmm4rec export CHECKPOINT OUT``: the transferable weights of a checkpoint."""
+    ck = checkpoint if isinstance(checkpoint, CheckpointDir) else CheckpointDir.resolve(checkpoint)
+    mc = ck.model_config
+    state = dense_state_dict(ck)
+    # check against the model class: a clear error instead of an unloadable export
+    from mmm4rec.models import MODELS
+    from mmm4rec.config import from_dict
+
+    from .model import build_dense
+
+    config = from_dict(MODELS[mc["model_type"]].config_cls, mc["config"])
+    with torch.device("meta"):
+        dense, _ = build_dense(mc["model_type"], config)
+    expected = set(dense.state_dict())
+    if set(state) != expected:
+        raise ValueError(f"{ck.path}: DeepSpeed state has keys {sorted(set(state) ^ expected)} that do not match "
+                         f"the {mc['model_type']} dense module")
+    return write_export(mc["model_type"], config, state, out)
+
+
+def model_from_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, item_table=None):
+    """A plain single-process model (``mmm4rec.models``) with a checkpoint's weights:
+    dense from DeepSpeed, trainable tables reassembled from every rank's rows, frozen
+    features from ``item_table`` (a ``data_shards.ItemTable``) when given."""
+    from mmm4rec.config import from_dict
+    from mmm4rec.models import MODELS
+
+    from .tables import ShardReader, pack_specs
+
+    ck = checkpoint if isinstance(checkpoint, CheckpointDir) else CheckpointDir.resolve(checkpoint)
+    mc = ck.model_config
+    cls = MODELS[mc["model_type"]]
+    model = cls(from_dict(cls.config_cls, mc["config"]))
+    model.dense.load_state_dict(dense_state_dict(ck))
+    files, metas = ck.rank_files()
+    packed = [p for p in pack_specs(model.table_specs()) if p.kind == "trainable"]
+    if packed:
+        reader = ShardReader(files, metas)
+        with torch.no_grad():
+            for p in packed:
+                full = reader.full(p.name)
+                for c in p.columns:
+                    model.tables.tables[c.spec.name].weight.copy_(full[:, c.start:c.stop])
+    if item_table is not None:
+        model.set_item_table(item_table)
+    return model

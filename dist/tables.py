@@ -1,0 +1,382 @@
+"""The item tables in torchrec: sharded ``EmbeddingCollection``s with fused optimizers.
+
+A model's ``table_specs()`` (``mmm4rec/models/base.py``) names its per-item tables:
+frozen ``feature`` tables (text / image vectors, modality masks) and ``trainable``
+ones (the per-domain ID term, per-item fusion logits, SASRec's item embeddings).
+Here they become at most two ``EmbeddingCollection`` tables, one per kind, with the
+specs packed side by side as columns (every spec is indexed by the same item id,
+so one lookup, and one all-to-all, serves all of them; the packed width is padded
+to a multiple of 4 for fbgemm):
+
+* ``features``: frozen. Its output is detached, so backward never reaches it; its
+  fused optimizer is plain SGD with lr 0 (stateless: no optimizer memory).
+* ``trainable``: its fused optimizer (``tables.optimizer``) runs inside backward,
+  row by row, on the rank that owns the row.
+
+Both are built on the meta device, planned row-wise (or table-wise) with a
+``Topology`` of the job and ``collective_plan``, and wrapped ALONE in torchrec's
+``DistributedModelParallel``; the dense model goes to DeepSpeed (``dist/engine.py``).
+
+Boundary with DeepSpeed (the contract ``dist/model.py`` relies on):
+
+* lookups return plain tensors ``{spec name: [..., dim]}``: the dense engine never
+  sees torchrec types;
+* gradients of looked-up trainable rows are scaled by ``1 / world_size``: torchrec
+  sums row gradients over ranks while DeepSpeed averages dense gradients, and the
+  scale makes both the gradient of the same global loss (so 1 and N processes agree);
+* ``engine.backward(loss)`` drives the fused table update (DeepSpeed's loss scaling
+  for gradient accumulation applies to the tables too); tables step every
+  micro-batch, the dense optimizer at accumulation boundaries.
+
+Initialisation and checkpoints are by *global row*: every row's initial value is a
+function of (seed, table, row), and checkpoints store each rank's row ranges with
+their offsets, so a checkpoint loads into any number of processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mmm4rec.models.base import TableSpec
+
+from .config import TablesConfig
+
+__all__ = ["PackedTable", "pack_specs", "ShardedItemTables", "init_rows"]
+
+_ALIGN = 4          # fbgemm wants embedding dims in multiples of 4
+_INIT_BLOCK = 65536  # rows per independently seeded init block
+FEATURE = "feature"
+TRAINABLE = "trainable"
+_TABLE_NAMES = {FEATURE: "features", TRAINABLE: "trainable"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    spec: TableSpec
+    start: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.spec.dim
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedTable:
+    """One torchrec table holding several specs of one kind as column blocks."""
+
+    name: str
+    kind: str
+    num_rows: int
+    dim: int
+    columns: tuple[Column, ...]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "num_rows": self.num_rows, "dim": self.dim,
+                "columns": [[c.spec.name, c.start, c.spec.dim, c.spec.init] for c in self.columns]}
+
+
+def pack_specs(specs: Iterable[TableSpec]) -> list[PackedTable]:
+    specs = list(specs)
+    if len({s.num_rows for s in specs}) > 1:
+        raise ValueError(f"table specs disagree on the number of rows: { {s.name: s.num_rows for s in specs} }")
+    out = []
+    for kind in (FEATURE, TRAINABLE):
+        cols, start = [], 0
+        for s in specs:
+            if s.kind == kind and s.dim > 0:
+                cols.append(Column(s, start))
+                start += s.dim
+        if cols:
+            dim = -(-start // _ALIGN) * _ALIGN
+            out.append(PackedTable(_TABLE_NAMES[kind], kind, specs[0].num_rows, dim, tuple(cols)))
+    return out
+
+
+def init_rows(spec: TableSpec, lo: int, hi: int, seed: int) -> torch.Tensor:
+    """Initial values of rows ``lo..hi-1`` of a trainable spec: the same for any sharding."""
+    if spec.init == "zeros":
+        return torch.zeros(hi - lo, spec.dim)
+    out = torch.empty(hi - lo, spec.dim)
+    name_key = int.from_bytes(spec.name.encode()[:8].ljust(8, b"\0"), "little") % (2 ** 31)
+    for block in range(lo // _INIT_BLOCK, (hi - 1) // _INIT_BLOCK + 1):
+        b_lo, b_hi = block * _INIT_BLOCK, min((block + 1) * _INIT_BLOCK, spec.num_rows)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + name_key * 7919 + block) % (2 ** 63))
+        vals = torch.empty(b_hi - b_lo, spec.dim).normal_(0.0, 0.02, generator=g)
+        a, b = max(lo, b_lo), min(hi, b_hi)
+        out[a - lo:b - lo] = vals[a - b_lo:b - b_lo]
+    return out
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class _TablesRoot(nn.Module):
+    """What DistributedModelParallel wraps: one EmbeddingCollection per packed table."""
+
+    def __init__(self, packed: list[PackedTable], device: torch.device):
+        super().__init__()
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+
+        self.collections = nn.ModuleDict({
+            t.name: EmbeddingCollection(
+                tables=[EmbeddingConfig(num_embeddings=t.num_rows, embedding_dim=t.dim, name=t.name,
+                                        feature_names=[f"{t.name}.item"])],
+                device=device)
+            for t in packed})
+
+    def forward(self, kjts: dict) -> dict:
+        return {name: ec(kjts[name]) for name, ec in self.collections.items()}
+
+
+def _fused_optimizer(cfg: TablesConfig, device: torch.device):
+    """(optimizer class, kwargs) for ``apply_optimizer_in_backward`` of the trainable table."""
+    from fbgemm_gpu.split_embedding_configs import WeightDecayMode
+
+    import torchrec.optim as trec_optim
+
+    if cfg.optimizer == "adam" and device.type != "cuda":
+        raise ValueError("tables.optimizer: adam runs only on GPU (fbgemm's CPU kernels implement adagrad, "
+                         "rowwise_adagrad and sgd); choose one of those on CPU")
+    cls = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+           "sgd": torch.optim.SGD, "adam": torch.optim.Adam}[cfg.optimizer]
+    kwargs = {"lr": cfg.lr}
+    if cfg.optimizer != "sgd":
+        kwargs["eps"] = cfg.eps
+    if cfg.weight_decay > 0:
+        kwargs["weight_decay"] = cfg.weight_decay
+        kwargs["weight_decay_mode"] = WeightDecayMode.DECOUPLE if cfg.optimizer == "adam" else WeightDecayMode.L2
+    return cls, kwargs
+
+
+class ShardedItemTables:
+    """The item tables of one model, sharded over the job (``env``).
+
+    ``lookup(ids)`` -> ``{spec name: rows [*ids.shape, dim]}`` (features detached,
+    trainable rows with the gradient scale described in the module docstring).
+    """
+
+    def __init__(self, specs: list[TableSpec], cfg: TablesConfig, env, seed: int):
+        import torch.distributed as tdist
+        from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+        from torchrec.distributed.types import ShardingEnv, ShardingType
+        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+        self.env = env
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.specs = list(specs)
+        self.packed = pack_specs(self.specs)
+        self.device = env.device
+        root = _TablesRoot(self.packed, torch.device("meta"))
+        for t in self.packed:
+            params = root.collections[t.name].parameters()
+            if t.kind == FEATURE:
+                apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.0})
+            else:
+                cls, kwargs = _fused_optimizer(cfg, self.device)
+                apply_optimizer_in_backward(cls, params, kwargs)
+        sharding = ShardingType.ROW_WISE.value if cfg.sharding == "row_wise" else ShardingType.TABLE_WISE.value
+        constraints = {t.name: ParameterConstraints(sharding_types=[sharding]) for t in self.packed}
+        sharders = [EmbeddingCollectionSharder()]
+        topology = _topology(env)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        pg = tdist.GroupMember.WORLD
+        plan = planner.collective_plan(root, sharders, pg)
+        self.dmp = DistributedModelParallel(root, env=ShardingEnv.from_process_group(pg), plan=plan,
+                                            sharders=sharders, device=self.device)
+        self.plan = plan
+        self._init_trainable()
+
+    # ------------------------------------------------------------------ shards
+    def _weights(self) -> dict[str, object]:
+        """table name -> its ShardedTensor (from the module's state dict)."""
+        sd = self.dmp.state_dict()
+        out = {}
+        for t in self.packed:
+            key = next(k for k in sd if k.endswith(f"collections.{t.name}.embeddings.{t.name}.weight"))
+            out[t.name] = sd[key]
+        return out
+
+    def local_shards(self, table: str) -> list[tuple[int, torch.Tensor]]:
+        """``[(first global row, tensor [rows, dim])]`` of this rank (views: writes go to the table)."""
+        st = self._weights()[table]
+        return [(int(s.metadata.shard_offsets[0]), s.tensor) for s in st.local_shards()]
+
+    def _optimizer_states(self) -> dict[str, dict[str, object]]:
+        """table name -> {state name: ShardedTensor} of the fused optimizer (views)."""
+        osd = self.dmp.fused_optimizer.state_dict()["state"]
+        out = {}
+        for t in self.packed:
+            key = next((k for k in osd if k.endswith(f"collections.{t.name}.embeddings.{t.name}.weight")), None)
+            out[t.name] = dict(osd[key]) if key is not None else {}
+        return out
+
+    @torch.no_grad()
+    def _init_trainable(self) -> None:
+        for t in self.packed:
+            for lo, w in self.local_shards(t.name):
+                w.zero_()
+                if t.kind != TRAINABLE:
+                    continue
+                for c in t.columns:
+                    w[:, c.start:c.stop] = init_rows(c.spec, lo, lo + w.shape[0], self.seed).to(w)
+
+    @torch.no_grad()
+    def load_features(self, features: dict[str, np.ndarray]) -> None:
+        """Fill the frozen columns from ``{spec name: [num_rows, dim]}`` (numpy or torch);
+        each rank copies only the rows it owns."""
+        for t in self.packed:
+            if t.kind != FEATURE:
+                continue
+            for c in t.columns:
+                if c.spec.name not in features:
+                    raise ValueError(f"item tables: no '{c.spec.name}' features given (have {sorted(features)})")
+                src = features[c.spec.name]
+                if tuple(src.shape) != (c.spec.num_rows, c.spec.dim):
+                    raise ValueError(f"item table '{c.spec.name}': expected shape ({c.spec.num_rows}, "
+                                     f"{c.spec.dim}) (num_items + 1, dim), got {tuple(src.shape)}")
+                for lo, w in self.local_shards(t.name):
+                    rows = torch.as_tensor(np.asarray(src[lo:lo + w.shape[0]]), dtype=torch.float32)
+                    w[:, c.start:c.stop] = rows.to(w.device)
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        from torchrec import KeyedJaggedTensor
+
+        shape = tuple(ids.shape)
+        flat = ids.reshape(-1).to(self.device, torch.int64)
+        lengths = torch.ones(flat.numel(), dtype=torch.int32, device=self.device)
+        kjts = {t.name: KeyedJaggedTensor.from_lengths_sync(keys=[f"{t.name}.item"], values=flat, lengths=lengths)
+                for t in self.packed}
+        out = self.dmp(kjts)
+        rows: dict[str, torch.Tensor] = {}
+        scale = 1.0 / self.env.world_size
+        for t in self.packed:
+            v = out[t.name][f"{t.name}.item"].values()
+            if t.kind == FEATURE:
+                v = v.detach()
+            elif scale != 1.0:
+                v = _ScaleGrad.apply(v, scale)
+            for c in t.columns:
+                rows[c.spec.name] = v[:, c.start:c.stop].reshape(*shape, c.spec.dim)
+        return rows
+
+    # ------------------------------------------------------------------ LR
+    def set_lr(self, lr: float) -> None:
+        """Set the fused optimizer's LR of the trainable table (applied from the next backward)."""
+        opt = self.dmp.fused_optimizer
+        for g in opt.param_groups:
+            if g.get("lr", 0.0) != 0.0 or lr == 0.0:
+                g["lr"] = lr
+        opt.step()   # torchrec's fused optimizers only push the LR into the kernels here
+
+    @property
+    def has_trainable(self) -> bool:
+        return any(t.kind == TRAINABLE for t in self.packed)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """This rank's rows (+ fused optimizer state of the trainable table) for a
+        checkpoint: ``({key: tensor}, meta)``; keys are ``<table>/<state>@<first row>``."""
+        tensors, shards = {}, []
+        for t in self.packed:
+            if t.kind != TRAINABLE:
+                continue   # frozen features are re-read from the data, not checkpointed
+            for lo, w in self.local_shards(t.name):
+                tensors[f"{t.name}/weight@{lo}"] = w.detach().cpu().contiguous()
+                shards.append([t.name, "weight", lo, int(w.shape[0])])
+            for state_name, st in self._optimizer_states()[t.name].items():
+                if not hasattr(st, "local_shards"):
+                    continue
+                for s in st.local_shards():
+                    lo = int(s.metadata.shard_offsets[0])
+                    tensors[f"{t.name}/{state_name}@{lo}"] = s.tensor.detach().cpu().contiguous()
+                    shards.append([t.name, state_name, lo, int(s.tensor.shape[0])])
+        meta = {"packed": [t.describe() for t in self.packed], "shards": shards,
+                "optimizer": self.cfg.optimizer, "world_size": self.env.world_size}
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_state(self, reader: "ShardReader", load_optimizer: bool = True) -> None:
+        """Load rows (and optimizer state) saved by any number of processes."""
+        want = [t.describe() for t in self.packed if t.kind == TRAINABLE]
+        have = [p for p in reader.packed if p["kind"] == TRAINABLE]
+        if want != have:
+            raise ValueError(f"checkpoint item tables {have} do not match the model's {want}")
+        for t in self.packed:
+            if t.kind != TRAINABLE:
+                continue
+            for lo, w in self.local_shards(t.name):
+                w.copy_(reader.rows(t.name, "weight", lo, lo + w.shape[0]).to(w))
+            if not load_optimizer:
+                continue
+            if reader.optimizer != self.cfg.optimizer:
+                raise ValueError(f"checkpoint tables were trained with {reader.optimizer}, the config says "
+                                 f"{self.cfg.optimizer}; cannot resume the optimizer state")
+            for state_name, st in self._optimizer_states()[t.name].items():
+                if not hasattr(st, "local_shards"):
+                    continue
+                for s in st.local_shards():
+                    lo = int(s.metadata.shard_offsets[0])
+                    s.tensor.copy_(reader.rows(t.name, state_name, lo, lo + s.tensor.shape[0]).to(s.tensor))
+
+
+class ShardReader:
+    """Reads row ranges of a checkpoint's tables from the per-rank safetensors files
+    (any writer world size): ``rows(table, state, lo, hi)``."""
+
+    def __init__(self, files: list[str], metas: list[dict]):
+        self.files = files
+        self.metas = metas
+        self.packed = metas[0]["packed"] if metas else []
+        self.optimizer = metas[0].get("optimizer") if metas else None
+        self._index = []   # (table, state, lo, n, file)
+        for f, m in zip(files, metas):
+            for table, state, lo, n in m["shards"]:
+                self._index.append((table, state, int(lo), int(n), f))
+
+    def rows(self, table: str, state: str, lo: int, hi: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        parts = []
+        covered = 0
+        for t, s, a, n, f in sorted(self._index, key=lambda x: x[2]):
+            if t != table or s != state or a + n <= lo or a >= hi:
+                continue
+            with safe_open(f, framework="pt") as fh:
+                sl = fh.get_slice(f"{table}/{state}@{a}")
+                x, y = max(lo, a), min(hi, a + n)
+                parts.append(sl[x - a:y - a])
+                covered += y - x
+        if covered != hi - lo:
+            raise ValueError(f"checkpoint holds {covered} of rows {lo}..{hi - 1} of {table}/{state}")
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def full(self, table: str, state: str = "weight") -> torch.Tensor:
+        n = next(p["num_rows"] for p in self.packed if p["name"] == table)
+        return self.rows(table, state, 0, n)
+
+
+def _topology(env):
+    import os
+
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or env.world_size)
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=env.world_size, local_world_size=min(local, env.world_size)),
+        kernel_config=KernelConfig(compute_device="cuda" if env.device.type == "cuda" else "cpu"))

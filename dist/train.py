@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Distributed MMM4Rec training: DeepSpeed ZeRO (dense weights) + torchrec (item tables).
+
+    deepspeed --num_gpus 2 dist/train.py --config configs/tiny_pretrain.yaml --output-dir runs/pt
+    torchrun --nproc_per_node 2 dist/train.py --config configs/tiny_finetune.yaml \\
+        --output-dir runs/ft --set train.init_from=runs/pt/export
+    python dist/train.py --config configs/tiny_pretrain.yaml      # one process
+
+Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment
+(set by deepspeed, torchrun and slurm/common.sh); without them it runs as one process.
+Writes OUTPUT_DIR/{config.yaml, checkpoints/, logs/, tensorboard/, export/, metrics.json}.
+Exit status: 0 on success, 2 on a configuration or data error (message on stderr,
+before any training), 1 on any other failure. See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# The launchers run this file as a script, which puts dist/ first on sys.path: its
+# modules (config.py, engine.py, ...) must not shadow top-level packages. Import them
+# as the `dist` package from the repository root instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dist/train.py",
+        description="Train MMM4Rec (or SASRec) with DeepSpeed ZeRO for the dense weights and torchrec "
+                    "EmbeddingCollections for the item tables, on CPU (gloo) or GPU (NCCL).",
+        epilog="Launch with `deepspeed --num_gpus N dist/train.py ...` or `torchrun --nproc_per_node N "
+               "dist/train.py ...`; a plain `python dist/train.py ...` runs one process. "
+               "Config reference: docs/training.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", required=True, metavar="PATH",
+                   help="experiment YAML (e.g. configs/tiny_pretrain.yaml)")
+    p.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="run directory: config.yaml, checkpoints/, logs/, tensorboard/, export/, metrics.json "
+                        "(default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, value parsed as YAML; repeatable "
+                        "(e.g. --set train.epochs=3 --set model.hidden_size=64)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the output directory (start fresh if there "
+                        "is none); without it an output directory that holds checkpoints is refused")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; LOCAL_RANK from the environment is used")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from dist.env import prepare_process_env
+
+    prepare_process_env()   # before DeepSpeed is imported (accelerator, extension cache, threads)
+
+    from data_shards import DataError
+    from mmm4rec.config import ConfigError
+
+    from dist.config import load_experiment
+
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        output_dir = args.output_dir or os.path.join("runs", cfg.name)
+        from dist.trainer import run
+
+        run(cfg, args.config, output_dir, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dist/train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""The training run: setup, the loop, evaluation, early stopping, checkpoints, export.
+
+``run(cfg, ...)`` is everything ``dist/train.py`` does after parsing arguments:
+
+1. checks that need no processes (config, DeepSpeed JSON, ``init_from`` present),
+2. process group, data (bundled sample shards built once by rank 0), model config
+   from the manifest, ``init_from`` shapes checked -- all before any training,
+3. torchrec item tables + DeepSpeed dense engine (``dist/model.py``),
+4. the loop: epochs of optimizer steps (``gradient_accumulation_steps`` micro-batches
+   each), validation every ``eval.every_epochs``, early stopping on ``eval.metric``,
+   a checkpoint at every epoch end and every ``checkpoint.every_steps`` steps,
+5. at the end: ``OUTPUT_DIR/export`` from the best checkpoint, ``metrics.json``.
+
+The test split is evaluated whenever validation improves (same weights as the best
+checkpoint, so no reload of ZeRO-3 partitions is needed); ``metrics.json`` reports the
+test metrics of the best checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mmm4rec.config import ConfigError, save_yaml, to_dict
+
+from .checkpoint import ENGINE_TAG, CheckpointDir, CheckpointStore, safe_torch_load, tag_for_step
+from .config import (ExperimentConfig, finalize_deepspeed_config, load_deepspeed_config, resolve_model_config,
+                     zero_stage)
+from .env import init_distributed, rng_isolated, rng_state, seed_everything, set_rng_state
+from .evaluation import evaluate
+from .monitor import Monitor
+
+__all__ = ["run", "TrainerState", "check_export_compatible"]
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Saved in every checkpoint (``checkpoint.json``); epochs are 0-based here."""
+
+    epoch: int = 0               # the epoch in progress (== epochs completed at an epoch-end checkpoint)
+    epoch_step: int = 0          # optimizer steps done in that epoch
+    step: int = 0                # optimizer steps done in the run
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    best_step: int | None = None
+    best_tag: str | None = None
+    best_valid: dict | None = None
+    best_test: dict | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    samples: float = 0.0         # real (weight 1) training samples seen, all ranks
+
+
+# ---------------------------------------------------------------------- init_from
+def read_export_header(path: str) -> dict:
+    """``config.json`` of an export; clear errors for a missing/foreign directory."""
+    p = Path(path)
+    for f in ("config.json", "model.safetensors"):
+        if not (p / f).is_file():
+            raise ConfigError(f"train.init_from: {p} is not an export (missing {f}; an export is "
+                              f"OUTPUT_DIR/export of a run, or the output of 'mmm4rec export')")
+    try:
+        head = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.init_from: {p}/config.json is not valid JSON: {e}") from None
+    if not isinstance(head, dict) or "model_type" not in head or "config" not in head:
+        raise ConfigError(f"train.init_from: {p}/config.json has no model_type/config")
+    return head
+
+
+def check_export_compatible(path: str, model_type: str, dense: torch.nn.Module) -> tuple[dict, list[str]]:
+    """Load an export's weights for ``dense``: ``(state, notes)``; raises ConfigError
+    listing every missing, unexpected or differently shaped tensor."""
+    from safetensors import safe_open
+
+    head = read_export_header(path)
+    if head["model_type"] != model_type:
+        raise ConfigError(f"train.init_from: {path} holds a {head['model_type']} model, the config builds "
+                          f"{model_type}")
+    own = dense.state_dict()
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        problems = [f"  {k}: export {shapes[k]} vs model {tuple(own[k].shape)}"
+                    for k in shapes if k in own and tuple(own[k].shape) != shapes[k]]
+        problems += [f"  {k}: missing in the export" for k in own if k not in shapes]
+        problems += [f"  {k}: not in the model" for k in shapes if k not in own]
+        if problems:
+            raise ConfigError(f"train.init_from: {path} is incompatible with the model config:\n"
+                              + "\n".join(problems))
+        state = {k: fh.get_tensor(k) for k in shapes}
+    notes = []
+    mine = dataclasses.asdict(dense.cfg) if hasattr(dense, "cfg") and dataclasses.is_dataclass(dense.cfg) else {}
+    for k, v in head["config"].items():
+        if k in mine and mine[k] != v and k not in ("num_items",):
+            notes.append(f"{k}: export {v!r}, this run {mine[k]!r}")
+    return state, notes
+
+
+# ---------------------------------------------------------------------- data
+def resolve_data_url(cfg: ExperimentConfig, env) -> str:
+    """``data.url``, or the bundled sample's shards (built once, by rank 0)."""
+    if cfg.data.url:
+        return cfg.data.url
+    from data_shards import ensure_sample_shards
+
+    out = cfg.data.resolved_sample_dir()
+    url = None
+    if env.is_main:
+        url = ensure_sample_shards(cfg.data.sample, out, progress=False)
+    env.barrier()
+    return url if env.is_main else ensure_sample_shards(cfg.data.sample, out, progress=False)
+
+
+# ---------------------------------------------------------------------- the run
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, model, loaders: dict, store: CheckpointStore, monitor: Monitor,
+                 output_dir: Path, env, steps_per_epoch: int, meta: dict):
+        self.cfg = cfg
+        self.model = model
+        self.loaders = loaders
+        self.store = store
+        self.monitor = monitor
+        self.output_dir = output_dir
+        self.env = env
+        self.steps_per_epoch = steps_per_epoch
+        self.meta = meta    # written into every checkpoint: config, model config, stage, world size
+        self.state = TrainerState()
+        self._log_loss = torch.zeros(2, dtype=torch.float64)   # (sum loss*w, sum w) since last log
+        self._log_t = time.time()
+
+    # ------------------------------------------------------------------ checkpoint
+    def save(self) -> str:
+        st, env, tables = self.state, self.env, self.model.tables
+        tag = tag_for_step(st.step)
+        staged = self.store.begin(tag)
+        self.model.engine.save_checkpoint(str(staged), tag=ENGINE_TAG, save_latest=False)
+        (staged / "ranks").mkdir(exist_ok=True)
+        tensors, table_meta = tables.state_tensors()
+        rng_meta, rng_tensors = rng_state()
+        from safetensors.torch import save_file
+
+        base = staged / "ranks" / f"rank_{env.rank:05d}"
+        save_file({**tensors, **rng_tensors}, str(base.with_suffix(".safetensors")))
+        rank_meta = {**table_meta, "rank": env.rank, "loader": self.loaders["train"].state_dict(), "rng": rng_meta}
+        base.with_suffix(".json").write_text(json.dumps(rank_meta))
+        if env.is_main:
+            save_yaml(self.cfg, staged / "config.yaml")
+            (staged / "model_config.json").write_text(json.dumps(self.meta["model_config"], indent=2))
+        state = {**dataclasses.asdict(st), "tag": tag, "world_size": env.world_size,
+                 "zero_stage": self.meta["zero_stage"], "time": time.time()}
+        self.store.commit(tag, staged, state, protect=(st.best_tag,))
+        return tag
+
+    def restore(self, tag: str) -> None:
+        """Everything of checkpoint ``tag``: engine, tables + optimizer, loader, RNG, state."""
+        from .tables import ShardReader
+
+        env = self.env
+        with self.store.open(tag) as ck:
+            saved = ck.state
+            if saved["world_size"] != env.world_size:
+                raise ConfigError(f"--resume: {self.store.describe(tag)} was written by {saved['world_size']} "
+                                  f"processes; resume it with {saved['world_size']} (this run has {env.world_size})")
+            if saved["zero_stage"] != self.meta["zero_stage"]:
+                raise ConfigError(f"--resume: {self.store.describe(tag)} used ZeRO stage {saved['zero_stage']}, "
+                                  f"the config says {self.meta['zero_stage']}")
+            with safe_torch_load():
+                path, _ = self.model.engine.load_checkpoint(str(ck.path), tag=ENGINE_TAG)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load {ck.engine_dir}")
+            files, metas = ck.rank_files()
+            self.model.tables.load_state(ShardReader(files, metas), load_optimizer=True)
+            rank_meta, rank_tensors = ck.rank_state(env.rank)
+        fields = {f.name for f in dataclasses.fields(TrainerState)}
+        self.state = TrainerState(**{k: v for k, v in saved.items() if k in fields})
+        loader = self.loaders["train"]
+        loader.set_epoch(self.state.epoch)
+        if self.state.epoch_step:
+            loader.load_state_dict(rank_meta["loader"])
+        set_rng_state(rank_meta["rng"], rank_tensors)
+        self._set_table_lr()
+
+    # ------------------------------------------------------------------ pieces
+    def _lr_mult(self) -> float:
+        base = self.cfg.train.optimizer.lr
+        return float(self.model.engine.get_lr()[0]) / base if base else 1.0
+
+    def _set_table_lr(self) -> None:
+        t = self.cfg.tables
+        if self.model.tables.has_trainable and t.follow_schedule:
+            self.model.tables.set_lr(t.lr * self._lr_mult())
+
+    def _evaluate(self, split: str) -> dict:
+        e = self.cfg.eval
+        t0 = time.time()
+        metrics = evaluate(self.model, self.loaders[split], ks=e.ks, mask_history=e.mask_history,
+                           item_chunk_size=e.item_chunk_size)
+        self.state.eval_seconds += time.time() - t0
+        return metrics
+
+    def _log_step(self, epoch: int) -> None:
+        st = self.state
+        sums = self.env.all_reduce_sum(self._log_loss.clone())
+        dt = max(time.time() - self._log_t, 1e-9)
+        loss = float(sums[0] / max(float(sums[1]), 1.0))
+        scalars = {"loss": loss, "lr": float(self.model.engine.get_lr()[0]), "samples_per_s": float(sums[1]) / dt}
+        self.monitor.step_scalars(st.step, epoch + 1, scalars)
+        self.monitor.advance(0, loss=loss, lr=scalars["lr"])
+        self._log_loss.zero_()
+        self._log_t = time.time()
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        cfg, st, env = self.cfg, self.state, self.env
+        gas = cfg.train.gradient_accumulation_steps
+        model, loader = self.model, self.loaders["train"]
+        model.train()
+        while st.epoch < cfg.train.epochs and not st.stopped_early:
+            if cfg.train.max_steps and st.step >= cfg.train.max_steps:
+                break
+            epoch = st.epoch
+            loader.set_epoch(epoch)   # keeps a resumed position of the same epoch
+            self.monitor.start_epoch(epoch + 1, self.steps_per_epoch, initial=st.epoch_step)
+            t0 = time.time()
+            epoch_loss = torch.zeros(2, dtype=torch.float64)
+            it = iter(loader)
+            while st.epoch_step < self.steps_per_epoch:
+                if cfg.train.max_steps and st.step >= cfg.train.max_steps:
+                    break
+                for _ in range(gas):
+                    with rng_isolated():
+                        batch = next(it)
+                    batch = model.to_device(batch)
+                    loss, loss_sum, w = model.train_loss(batch, cfg.train.loss, cfg.train.mask_duplicates,
+                                                         cfg.train.loss_chunk_size)
+                    model.backward(loss)
+                    model.step()
+                    part = torch.stack([loss_sum.double().cpu(), w.double().cpu()])
+                    self._log_loss += part
+                    epoch_loss += part
+                st.step += 1
+                st.epoch_step += 1
+                self._set_table_lr()
+                self.monitor.advance(1)
+                if st.step % cfg.train.log_every_steps == 0:
+                    self._log_step(epoch)
+                every = cfg.checkpoint.every_steps
+                if every and st.step % every == 0 and st.epoch_step < self.steps_per_epoch:
+                    st.train_seconds += time.time() - t0
+                    t0 = time.time()
+                    self.save()
+            del it
+            self.monitor.end_epoch()
+            st.train_seconds += time.time() - t0
+            totals = self.env.all_reduce_sum(epoch_loss)
+            st.samples += float(totals[1])
+            self._end_epoch(epoch, float(totals[0] / max(float(totals[1]), 1.0)))
+        self.monitor.log(f"training done: {st.step} steps, {st.epoch} epochs"
+                         + (" (early stop)" if st.stopped_early else ""))
+
+    def _end_epoch(self, epoch: int, train_loss: float) -> None:
+        cfg, st = self.cfg, self.state
+        last = (epoch + 1 == cfg.train.epochs) or bool(cfg.train.max_steps and st.step >= cfg.train.max_steps)
+        row = {"train_loss": train_loss}
+        improved = False
+        if (epoch + 1) % cfg.eval.every_epochs == 0 or last:
+            valid = self._evaluate("valid")
+            row.update({f"valid/{k}": v for k, v in valid.items() if k != "count"})
+            value = valid[cfg.eval.metric]
+            improved = st.best_metric is None or value > st.best_metric
+            if improved:
+                st.best_metric, st.best_epoch, st.best_step, st.best_valid = value, epoch + 1, st.step, valid
+                st.bad_evals = 0
+                if cfg.eval.test:
+                    st.best_test = self._evaluate("test")
+            else:
+                st.bad_evals += 1
+                if cfg.eval.patience and st.bad_evals >= cfg.eval.patience:
+                    st.stopped_early = True
+            self.monitor.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}, valid {cfg.eval.metric} "
+                             f"{value:.4f}" + (" (best)" if improved else f" (best {st.best_metric:.4f} at epoch "
+                                                                        f"{st.best_epoch})"))
+        st.history.append({"epoch": epoch + 1, "step": st.step, **row})
+        st.epoch, st.epoch_step = epoch + 1, 0
+        if improved or st.best_tag is None and (epoch + 1 == cfg.train.epochs or st.stopped_early):
+            st.best_tag = tag_for_step(st.step)   # the checkpoint saved right below
+        row.update({"train_seconds": round(st.train_seconds, 3), "eval_seconds": round(st.eval_seconds, 3)})
+        self.monitor.epoch_scalars(st.step, epoch + 1, row)
+        self.save()
+
+
+def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.PathLike, resume: bool) -> dict:
+    """The whole run on this process (all ranks call it). Returns ``metrics.json``'s dict."""
+    t_start = time.time()
+    output_dir = Path(output_dir).resolve()
+    # --- 1. checks that need no processes
+    ds_path, ds_json = load_deepspeed_config(cfg, config_file)
+    if cfg.train.init_from:
+        read_export_header(cfg.train.init_from)
+
+    # --- 2. processes, data, model config
+    env = init_distributed()
+    from .engine import build_engine, resolve_precision
+
+    precision = resolve_precision(cfg.train.precision, env.device)
+    ckpt_location = cfg.checkpoint.dir or str(output_dir / "checkpoints")
+    store = CheckpointStore(ckpt_location, env, keep_last=cfg.checkpoint.keep_last,
+                            storage_options=cfg.checkpoint.storage.to_options())
+    resume_tag = store.latest() if resume else None
+    if not resume and store.has_checkpoints():
+        raise ConfigError(f"--output-dir {output_dir}: {ckpt_location} already holds checkpoints; pass --resume to "
+                          f"continue that run, or choose another output directory")
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    from data_shards import SequenceLoader, load_item_table, read_manifest
+
+    url = resolve_data_url(cfg, env)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, url=url, sample=None))
+    storage = cfg.data.storage.to_options()
+    manifest = read_manifest(url, storage)
+    model_type, model_cfg = resolve_model_config(cfg, manifest)
+    cfg = dataclasses.replace(cfg, model={"type": model_type, **dataclasses.asdict(model_cfg)})
+
+    from .model import DistRecModel, build_dense
+    from .tables import ShardedItemTables
+
+    seed_everything(cfg.train.seed, rank=0)          # identical dense init on every rank
+    dense, specs = build_dense(model_type, model_cfg)
+    notes: list[str] = []
+    if cfg.train.init_from and resume_tag is None:
+        state, notes = check_export_compatible(cfg.train.init_from, model_type, dense)
+        dense.load_state_dict(state)
+
+    loaders = {
+        "train": SequenceLoader(cfg.data, "train", rank=env.rank, world_size=env.world_size),
+        "valid": SequenceLoader(cfg.data, "valid", rank=env.rank, world_size=env.world_size, shuffle=False),
+        "test": SequenceLoader(cfg.data, "test", rank=env.rank, world_size=env.world_size, shuffle=False),
+    }
+    gas = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(loaders["train"]) // gas
+    if cfg.train.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.batch_size: {len(loaders['train'])} micro-batches per epoch per rank are fewer "
+                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed)
+    feature_names = [s.name for s in specs if s.kind == "feature"]
+    if feature_names:
+        from mmm4rec.models.base import item_table_features
+
+        tables.load_features(item_table_features(load_item_table(url, storage), feature_names))
+    ds_config = finalize_deepspeed_config(ds_json, cfg, env.world_size)
+    engine = build_engine(dense, cfg, ds_config, total_steps)
+    seed_everything(cfg.train.seed, rank=env.rank)   # per-rank dropout streams
+    model = DistRecModel(model_type, model_cfg, tables, engine, env, precision)
+
+    meta = {"model_config": {"model_type": model_type, "config": dataclasses.asdict(model_cfg)},
+            "zero_stage": zero_stage(ds_config)}
+    trainer = Trainer(cfg, model, loaders, store, None, output_dir, env, steps_per_epoch, meta)
+    if resume_tag is not None:
+        trainer.restore(resume_tag)
+    monitor = trainer.monitor = Monitor(output_dir, enabled=env.is_main,
+                                        resume_step=trainer.state.step if resume_tag is not None else None)
+    if env.is_main:
+        save_yaml(cfg, output_dir / "config.yaml")
+        (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
+    n_dense = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    monitor.log(f"{cfg.name}: {model_type} ({n_dense:,} dense weights), {manifest['num_items']:,} items, "
+                f"world {env.world_size} ({env.backend}, {env.device.type}), ZeRO {meta['zero_stage']}, {precision}; "
+                f"{steps_per_epoch} steps/epoch x {cfg.data.batch_size} x {gas} x {env.world_size}; "
+                f"tables {[(t.name, t.num_rows, t.dim) for t in tables.packed]} {cfg.tables.sharding}")
+    for n in notes:
+        monitor.log(f"init_from {cfg.train.init_from}: config differs: {n}")
+    if resume_tag is not None:
+        monitor.log(f"resumed from {store.describe(resume_tag)}: epoch {trainer.state.epoch + 1}, "
+                    f"step {trainer.state.step}")
+    else:
+        if resume:
+            monitor.log(f"--resume: no checkpoint in {ckpt_location}; starting from scratch")
+        if cfg.train.init_from:
+            monitor.log(f"initialised the dense weights from {cfg.train.init_from}")
+    trainer._set_table_lr()
+
+    t_fit = time.time()
+    trainer.fit()
+    fit_seconds = time.time() - t_fit
+    st = trainer.state
+
+    # --- 5. export + metrics
+    export_dir = output_dir / "export"
+    if env.is_main:
+        from .export import export_checkpoint
+
+        with store.open(st.best_tag) as ck:
+            export_checkpoint(ck, export_dir)
+    env.barrier()
+    metrics = {
+        "name": cfg.name,
+        "metric": cfg.eval.metric,
+        "best_epoch": st.best_epoch,
+        "best_step": st.best_step,
+        "best_valid": st.best_valid,
+        "test": st.best_test,
+        "epochs_run": st.epoch,
+        "steps": st.step,
+        "stopped_early": st.stopped_early,
+        "best_checkpoint": store.describe(st.best_tag),
+        "export": str(export_dir),
+        "world_size": env.world_size,
+        "zero_stage": meta["zero_stage"],
+        "precision": precision,
+        "device": env.device.type,
+        "timings": {
+            "total_seconds": round(time.time() - t_start, 3),
+            "fit_seconds_this_process": round(fit_seconds, 3),
+            "train_seconds": round(st.train_seconds, 3),
+            "eval_seconds": round(st.eval_seconds, 3),
+            "samples_per_second": round(st.samples / st.train_seconds, 2) if st.train_seconds else None,
+            "steps_per_second": round(st.step / st.train_seconds, 3) if st.train_seconds else None,
+        },
+        "history": st.history,
+    }
+    if env.is_main:
+        tmp = output_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, output_dir / "metrics.json")
+        best = st.best_test or {}
+        monitor.log(f"best epoch {st.best_epoch}: test " + ", ".join(
+            f"{k} {best[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50") if k in best))
+        monitor.log(f"wrote {export_dir} and {output_dir / 'metrics.json'}")
+    monitor.close()
+    return metrics

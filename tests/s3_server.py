@@ -1,0 +1,96 @@
+"""A real local S3 endpoint for tests: moto's server on a free 127.0.0.1 port.
+
+``s3_server`` (session fixture) starts ``moto_server -H 127.0.0.1 -p PORT`` from this
+interpreter's environment, waits until it answers, and yields an :class:`S3Server`
+(endpoint URL, dummy credentials, ``storage_options`` for fsspec/s3fs, a helper that
+creates a bucket). Only a missing ``moto_server`` binary skips, with the reason shown;
+a server that does not come up is an error carrying its log. The server is stopped by
+its own pid afterwards.
+
+Import it into a test module with ``from s3_server import s3_server  # noqa: F401``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+__all__ = ["S3Server", "s3_server"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _moto_binary() -> str | None:
+    here = Path(sys.executable).parent / "moto_server"
+    return str(here) if here.is_file() else shutil.which("moto_server")
+
+
+@dataclasses.dataclass
+class S3Server:
+    endpoint_url: str
+    key: str = "testing"
+    secret: str = "testing"
+
+    @property
+    def storage_options(self) -> dict:
+        return {"endpoint_url": self.endpoint_url, "key": self.key, "secret": self.secret}
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables pointing at this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.key,
+                "AWS_SECRET_ACCESS_KEY": self.secret}
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name`` (no region: us-east-1 plus a location constraint fails) -> ``s3://name``."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    binary = _moto_binary()
+    if binary is None:
+        pytest.skip("moto_server not installed (pip install 'moto[server]'): no local S3 endpoint")
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server on {url} did not come up; log:\n"
+                                       + Path(log.name).read_text()[-3000:]) from None
+                time.sleep(0.1)
+        yield S3Server(url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)

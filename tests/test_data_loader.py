@@ -1,0 +1,212 @@
+"""SequenceLoader: exactly-once delivery across ranks and workers, determinism, resume,
+uneven splits, and batches identical to the reference ``samples.expand``/``collate``.
+
+Runs on the bundled ``data/samples/office`` (no ../shared, no text encoder needed).
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from data_shards import SequenceLoader, ShardsConfig, build_shards, import_dataset, iter_sequences
+from data_shards.samples import (collate, collate_index, expand, num_samples, num_samples_array, sample_index,
+                                 target_positions)
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICE = REPO / "data" / "samples" / "office"
+KW = dict(batch_size=50, max_len=8, shuffle_buffer=300)
+
+
+@pytest.fixture(scope="module")
+def office_url(tmp_path_factory) -> str:
+    """Office sample (1,499 users) in 16 shards of 97 users: uneven over 2 ranks x 2 workers."""
+    url = str(tmp_path_factory.mktemp("office") / "shards")
+    build_shards(import_dataset("lcrec", OFFICE), url, shard_size=97, progress=False)
+    return url
+
+
+def sample_keys(batch) -> list[tuple[int, float]]:
+    """(user, target time) of the real rows: unique per sample (times are positions here)."""
+    w = batch["weight"] > 0
+    return list(zip(batch["user"][w].tolist(), batch["target_time"][w].tolist()))
+
+
+def epoch_keys(loader) -> list[tuple[int, float]]:
+    return [k for b in loader for k in sample_keys(b)]
+
+
+def reference_keys(url: str, split: str) -> collections.Counter:
+    return collections.Counter((s["user"], float(s["times"][t])) for s in iter_sequences(url)
+                               for t in target_positions(len(s["items"]), split))
+
+
+# ----------------------------------------------------------------------------- vectorised twins
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 30), min_size=0, max_size=12), max_len=st.integers(1, 12),
+       split=st.sampled_from(["train", "valid", "test"]), pad=st.integers(0, 5))
+def test_sample_index_and_collate_index_match_reference(lengths, max_len, split, pad):
+    rng = np.random.default_rng(len(lengths))
+    seqs = [(u, rng.integers(1, 100, n), np.sort(rng.random(n)) * 1e9) for u, n in enumerate(lengths)]
+    assert num_samples_array(np.array(lengths, dtype=np.int64), split).tolist() == [num_samples(n, split)
+                                                                                    for n in lengths]
+    ref = [s for u, it, tm in seqs for s in expand(u, it, tm, split, max_len)]
+    seq, target = sample_index(np.array(lengths, dtype=np.int64), split)
+    assert [(int(a), int(b)) for a, b in zip(seq, target)] == [
+        (u, t) for u, it, tm in seqs for t in target_positions(len(it), split)]
+    if not ref:
+        return
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = np.concatenate([it for _, it, _ in seqs]).astype(np.int64)
+    times = np.concatenate([tm for _, _, tm in seqs])
+    got = collate_index(items, times, offsets, np.arange(len(lengths)), seq, target, max_len,
+                        pad_to=len(ref) + pad)
+    want = collate(ref, max_len, pad_to=len(ref) + pad)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------- contract
+
+def test_batches_follow_the_batch_contract(office_url):
+    loader = SequenceLoader(office_url, "train", batch_size=64, max_len=20, num_workers=0, shuffle=False)
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    b = batches[0]
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in b.items()} == {
+        "user": (torch.int64, (64,)), "item_seq": (torch.int64, (64, 20)), "time_seq": (torch.float64, (64, 20)),
+        "item_seq_len": (torch.int64, (64,)), "target": (torch.int64, (64,)),
+        "target_time": (torch.float64, (64,)), "weight": (torch.float32, (64,))}
+    n_items = loader.num_items
+    for b in batches:
+        real = b["weight"] > 0
+        assert ((b["target"] >= 1) & (b["target"] <= n_items)).all()
+        assert ((b["item_seq_len"] >= 1) & (b["item_seq_len"] <= 20)).all()
+        pos = torch.arange(20)[None, :]
+        inside = pos < b["item_seq_len"][:, None]
+        assert (b["item_seq"][real][inside[real]] >= 1).all() and (b["item_seq"][~inside] == 0).all()
+        assert (b["time_seq"][~inside] == 0).all()
+
+
+def test_unshuffled_single_worker_equals_reference_expansion(office_url):
+    loader = SequenceLoader(office_url, "train", batch_size=64, max_len=20, num_workers=0, shuffle=False)
+    ref = [s for rec in iter_sequences(office_url) for s in expand(rec["user"], rec["items"], rec["times"], "train", 20)]
+    want = [collate(ref[i:i + 64], 20, pad_to=64) for i in range(0, len(ref), 64)]
+    got = list(loader)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for k in w:
+            torch.testing.assert_close(g[k], w[k], rtol=0, atol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------- distribution
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_two_ranks_two_workers_deliver_every_sample_exactly_once(office_url, split):
+    loaders = [SequenceLoader(office_url, split, rank=r, world_size=2, num_workers=2, shuffle=True, **KW)
+               for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1])
+    got = collections.Counter()
+    for loader in loaders:
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for b in batches:
+            got.update(sample_keys(b))
+    want = reference_keys(office_url, split)
+    assert got == want
+    if split != "train":  # one sample per user, each user on exactly one rank
+        assert len({u for u, _ in got}) == sum(got.values()) == loaders[0].manifest["splits"][split]["users"]
+
+
+def test_order_is_a_function_of_seed_and_epoch(office_url):
+    def run(seed, epoch):
+        loader = SequenceLoader(office_url, "train", rank=1, world_size=2, num_workers=2, seed=seed, **KW)
+        loader.set_epoch(epoch)
+        return epoch_keys(loader)
+
+    a, again, other_epoch, other_seed = run(7, 0), run(7, 0), run(7, 1), run(8, 0)
+    assert a == again
+    assert a != other_epoch and a != other_seed
+    assert len(a) == len(other_epoch)  # a rank's share of the epoch does not depend on the epoch
+
+
+@pytest.mark.parametrize("world_size,num_workers,drop_last", [(3, 2, False), (5, 1, False), (3, 2, True)])
+def test_uneven_ranks_yield_the_same_number_of_batches(office_url, world_size, num_workers, drop_last):
+    loaders = [SequenceLoader(office_url, "valid", batch_size=64, max_len=8, rank=r, world_size=world_size,
+                              num_workers=num_workers, drop_last=drop_last) for r in range(world_size)]
+    counts = {len(loader) for loader in loaders}
+    assert len(counts) == 1
+    seen = collections.Counter()
+    for loader in loaders:
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(b["weight"].shape == (64,) for b in batches)
+        for b in batches:
+            seen.update(sample_keys(b))
+    assert max(seen.values()) == 1
+    if not drop_last:
+        assert sum(seen.values()) == loaders[0].num_samples
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("stop_after", [1, 37, 63])
+def test_resume_mid_epoch_gives_exactly_the_remaining_samples(office_url, stop_after):
+    def make():
+        loader = SequenceLoader(office_url, "train", rank=0, world_size=2, num_workers=2, seed=3, **KW)
+        loader.set_epoch(4)
+        return loader
+
+    full = epoch_keys(make())
+    first_run = make()
+    seen = []
+    for i, b in enumerate(first_run):
+        seen += sample_keys(b)
+        if i + 1 == stop_after:
+            break
+    state = first_run.state_dict()
+    assert sum(state["batches"]) == stop_after
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = epoch_keys(resumed)
+    assert len(seen) + len(rest) == len(full)
+    assert collections.Counter(seen + rest) == collections.Counter(full)
+    # the resumed loader counts on from the saved position and ends the epoch complete
+    assert resumed.state_dict()["batches"] == make()._slot_batches_target.tolist()
+
+
+def test_resume_state_at_epoch_end_yields_nothing_then_next_epoch_runs(office_url):
+    loader = SequenceLoader(office_url, "valid", num_workers=0, **KW)
+    list(loader)
+    state = loader.state_dict()
+    fresh = SequenceLoader(office_url, "valid", num_workers=0, **KW)
+    fresh.load_state_dict(state)
+    assert list(fresh) == []
+    fresh.set_epoch(1)
+    assert len(list(fresh)) == len(fresh)
+
+
+def test_resume_rejects_state_from_other_settings(office_url):
+    state = SequenceLoader(office_url, "train", num_workers=2, **KW).state_dict()
+    other = SequenceLoader(office_url, "train", num_workers=1, **KW)
+    with pytest.raises(ValueError, match="different shards or loader settings"):
+        other.load_state_dict(state)
+
+
+def test_config_drives_the_loader(office_url):
+    from mmm4rec.config import from_dict
+
+    cfg = from_dict(ShardsConfig, {"url": office_url, "batch_size": 32, "eval_batch_size": 128, "max_len": 5,
+                                   "num_workers": 0, "seed": 1})
+    train, test = SequenceLoader(cfg, "train"), SequenceLoader(cfg, "test")
+    assert (train.batch_size, train.shuffle, test.batch_size, test.shuffle) == (32, True, 128, False)
+    assert next(iter(train))["item_seq"].shape == (32, 5)

@@ -1,0 +1,100 @@
+"""The bundled samples (data/samples/) and ``ensure_sample_shards``: what the quickstart
+and the core tests use, so nothing here needs ../shared."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from data_shards import SequenceLoader, ensure_sample_shards, load_item_table, read_manifest
+from data_shards.bundled import SAMPLES_DIR
+from data_shards.features import TextEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, pytestconfig):
+    """Both samples built once into one directory: ``out``, ``urls`` {name: url}, ``cpu``
+    seconds, ``cold`` (whether the text cache was empty) and the ``cache`` directory.
+
+    The text vectors are cached in pytest's cache directory, so only a first run (``cold``)
+    encodes. CPU time (all threads of this process), not wall time, is measured: other
+    test sessions may share the machine's two cores."""
+    out = tmp_path_factory.mktemp("samples")
+    cache = pytestconfig.cache.mkdir("mmm4rec-text-vectors")
+    cold = not any(cache.rglob("*.npz"))
+    t0 = time.process_time()
+    urls = {n: ensure_sample_shards(n, out, cache_dir=cache, progress=False) for n in ("office", "scientific_mm")}
+    return SimpleNamespace(out=out, urls=urls, cpu=time.process_time() - t0, cold=cold, cache=cache)
+
+
+def test_bundle_is_small_and_documented():
+    assert SAMPLES_DIR == REPO / "data" / "samples"
+    for f in SAMPLES_DIR.rglob("*"):
+        if f.is_file():
+            assert f.stat().st_size < 4 * 2**20, f
+    assert sum(f.stat().st_size for f in (SAMPLES_DIR / "office").iterdir()) < 2**20
+    text = (SAMPLES_DIR / "PROVENANCE.md").read_text()
+    for needle in ("KIKIENAO/decorec", "3d93ec58", "yuyq18/APAO", "aa08fcfa", "Apache-2.0", "derive.py"):
+        assert needle in text
+    assert not any("ml-100k" in str(p) or "movielens" in str(p).lower() for p in SAMPLES_DIR.rglob("*"))
+
+
+def test_both_samples_share_the_feature_layout(built):
+    urls = built.urls
+    limit = 120 if built.cold else 20  # encoding ~2,000 texts, or only reading the cached vectors
+    assert built.cpu < limit, f"building both samples took {built.cpu:.0f} CPU seconds (cold cache: {built.cold})"
+    office, sci = (read_manifest(urls[n]) for n in ("office", "scientific_mm"))
+    for m in (office, sci):
+        assert m["features"]["text"]["dim"] == 384 and m["features"]["image"]["dim"] == 512
+        assert m["features"]["text"]["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (office["num_users"], office["num_items"], office["num_interactions"]) == (1499, 398, 17284)
+    assert (sci["num_users"], sci["num_items"], sci["num_interactions"]) == (2928, 1585, 19712)
+    assert office["features"]["image"]["present"] == 0 and sci["features"]["image"]["present"] == 1585
+
+
+def test_item_tables(built):
+    urls = built.urls
+    office, sci = load_item_table(urls["office"]), load_item_table(urls["scientific_mm"])
+    assert office.image.shape == (399, 512) and not office.image_mask.any() and not office.image.any()
+    assert office.text_mask[1:].all() and not office.text_mask[0]
+    norms = np.linalg.norm(sci.text[1:], axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)  # MiniLM vectors are normalised
+    raw = np.fromfile(SAMPLES_DIR / "scientific_mm" / "Scientific.feat3CLS", dtype="<f4").reshape(-1, 512)
+    index = dict(line.rstrip("\n").split("\t") for line in open(SAMPLES_DIR / "scientific_mm" / "Scientific.item2index"))
+    for i in (1, 2, 777, 1585):
+        np.testing.assert_array_equal(sci.image[i], raw[int(index[sci.item_ids[i]])])
+    assert (sci.domain[1:] == "scientific_mm").all() and sci.item_ids[0] == ""
+
+
+def test_rebuild_is_a_no_op_and_a_forced_rebuild_does_not_re_encode(built, monkeypatch):
+    out, urls = built.out, built.urls
+    before = (Path(urls["office"]) / "manifest.json").stat().st_mtime_ns
+    assert ensure_sample_shards("office", out, progress=False) == urls["office"]
+    assert (Path(urls["office"]) / "manifest.json").stat().st_mtime_ns == before
+
+    def no_model(self):
+        raise AssertionError("the text cache should have made encoding unnecessary")
+
+    monkeypatch.setattr(TextEncoder, "model", no_model)
+    old = read_manifest(urls["office"])
+    ensure_sample_shards("office", out, cache_dir=built.cache, force=True, progress=False)
+    new = read_manifest(urls["office"])
+    assert [s["sha256"] for s in new["items"]["shards"]] == [s["sha256"] for s in old["items"]["shards"]]
+
+
+def test_samples_stream(built):
+    urls = built.urls
+    for url in urls.values():
+        loader = SequenceLoader(url, "train", batch_size=128, max_len=20, num_workers=0)
+        n = sum(int(b["weight"].sum()) for b in loader)
+        assert n == read_manifest(url)["splits"]["train"]["samples"]
+
+
+def test_unknown_sample_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown sample dataset 'movies'"):
+        ensure_sample_shards("movies", tmp_path)

@@ -1,0 +1,153 @@
+"""The same kernel equivalences compiled for a real GPU, plus 16-bit inputs and the
+comparison with mamba_ssm's ``mamba_chunk_scan_combined``.
+
+Skipped without CUDA (the reason is shown). Compiled kernels need a process without
+TRITON_INTERPRET: under scripts/run_tests.sh (whose kernel process sets it) the compiled
+tests skip and ``test_compiled_suite_in_clean_process`` re-runs this module in a child
+pytest process with the variable removed, so a GPU machine runs them either way.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not CUDA, reason="no CUDA device: compiled Triton kernels need a GPU "
+                       "(CPU coverage: tests/test_kernels_interpret.py)"),
+]
+compiled = pytest.mark.skipif(INTERPRET, reason="TRITON_INTERPRET=1 in this process: the compiled "
+                              "tests run in a child process (test_compiled_suite_in_clean_process)")
+
+TOL_FP32 = 1e-4
+TOL_16BIT = 3e-2     # 16-bit inputs and outputs (bf16 eps 2^-8), TF32 products, fp32 accumulation
+TOL_MAMBA = 2e-3     # mamba_ssm multiplies fp32 operands in TF32
+SEED = int(os.environ.get("MMM4REC_KERNEL_SEED", "1234"))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="only needed where TRITON_INTERPRET=1 is set")
+def test_compiled_suite_in_clean_process():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, (proc.stdout[-8000:] + proc.stderr[-4000:])
+
+
+def _kt():
+    from mmm4rec.kernels import testing
+
+    return testing
+
+
+def _check(errs: dict, tol: float, what: str) -> None:
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < tol, f"{what}: worst {worst} {errs[worst]:.2e} >= {tol:g}\n{errs}"
+
+
+REC_SHAPES = [(4, 20, 8, 64, 1, 64), (4, 50, 8, 64, 1, 64), (2, 200, 8, 64, 2, 64),
+              (2, 333, 4, 40, 2, 24)]
+
+
+@compiled
+@pytest.mark.parametrize("stage", ["chunk_cumsum", "chunk_state", "state_passing", "chunk_scan"])
+@pytest.mark.parametrize("shape", REC_SHAPES[2:])
+@pytest.mark.parametrize("Q", [32, 64, 128])
+def test_stages_compiled(stage, shape, Q):
+    kt = _kt()
+    s = kt.SSDShape(*shape)
+    fn = getattr(kt, f"check_{stage}")
+    extra = {"nsplit": 2} if stage in ("chunk_state", "chunk_scan") and s.H // s.G % 2 == 0 else {}
+    _check(fn(s, Q, SEED, "cuda", **extra), TOL_FP32, f"{stage} {s} Q={Q}")
+
+
+@compiled
+@pytest.mark.parametrize("shape", REC_SHAPES)
+@pytest.mark.parametrize("chunk_size", [64, 128])
+@pytest.mark.parametrize("strided", [False, True])
+def test_ssd_compiled_fp32(shape, chunk_size, strided):
+    kt = _kt()
+    s = kt.SSDShape(*shape)
+    _check(kt.check_ssd(s, chunk_size, SEED, "cuda", strided=strided), TOL_FP32, f"ssd {s}")
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", REC_SHAPES[:3])
+def test_ssd_compiled_16bit(shape, dtype):
+    kt = _kt()
+    s = kt.SSDShape(*shape)
+    _check(kt.check_ssd(s, 64, SEED, "cuda", dtype=dtype), TOL_16BIT, f"ssd {s} {dtype}")
+
+
+@compiled
+@pytest.mark.parametrize("L", [1, 20, 50, 127, 200, 512])
+@pytest.mark.parametrize("strided", [False, True])
+def test_fourier_compiled_fp32(L, strided):
+    kt = _kt()
+    _check(kt.check_fourier(4, 8, L, SEED, "cuda", strided=strided), TOL_FP32, f"fourier L={L}")
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L", [20, 200, 512])
+def test_fourier_compiled_16bit(L, dtype):
+    kt = _kt()
+    _check(kt.check_fourier(4, 8, L, SEED, "cuda", dtype=dtype), TOL_16BIT, f"fourier L={L} {dtype}")
+
+
+@compiled
+def test_dispatch_auto_uses_triton_on_cuda(monkeypatch):
+    from mmm4rec import kernels
+    from mmm4rec.kernels import dispatch
+
+    monkeypatch.delenv("MMM4REC_KERNELS", raising=False)
+    dispatch.set_backend(None)
+    x = torch.zeros(1, device="cuda")
+    assert dispatch.resolve_backend(x) == "triton"
+    dispatch.set_backend("reference")
+    try:
+        assert dispatch.resolve_backend(x) == "reference"
+    finally:
+        dispatch.set_backend(None)
+    assert kernels.get_backend() == "auto"
+
+
+# --------------------------------------------------------------------------- mamba_ssm
+def mamba_equivalent(x, dt, A, B, C, D, dt_bias, chunk_size):
+    """Our function through mamba_chunk_scan_combined: mamba's D multiplies x, ours the
+    dt-scaled input, so run mamba without D and add D * softplus(dt + dt_bias) * x."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    y = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, dt_bias=dt_bias,
+                                  dt_softplus=True)
+    dt_hat = torch.nn.functional.softplus(dt.float() + dt_bias.float())
+    return y + (D.float()[:, None] * dt_hat[..., None] * x.float()).to(y.dtype)
+
+
+@compiled
+@pytest.mark.parametrize("shape", REC_SHAPES)
+def test_matches_mamba_chunk_scan_combined(shape):
+    pytest.importorskip("mamba_ssm", reason="mamba_ssm not installed (GPU extra: pip install -e .[gpu])")
+    kt = _kt()
+    from mmm4rec.kernels.ssd_combined import ssd_chunked_triton
+
+    s = kt.SSDShape(*shape)
+    ins = [t.detach().requires_grad_(True) for t in kt.ssd_inputs(s, SEED, "cuda")]
+    ins_m = [t.detach().clone().requires_grad_(True) for t in ins]
+    y = ssd_chunked_triton(*ins, chunk_size=64)
+    y_m = mamba_equivalent(*ins_m, chunk_size=64)
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, ins, dy)
+    g_m = torch.autograd.grad(y_m, ins_m, dy)
+    errs = {"y": kt.rel_err(y, y_m)}
+    errs.update({n: kt.rel_err(a, b) for n, a, b in
+                 zip(("dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias"), g, g_m)})
+    _check(errs, TOL_MAMBA, f"ours vs mamba_chunk_scan_combined {s}")
