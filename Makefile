@@ -11,7 +11,7 @@ setup-dev:
 	scripts/setup.sh --dev
 
 quickstart: setup
-	.venv/bin/mmm4rec quickstart
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/mmm4rec quickstart
 
 test: setup-dev
 	scripts/run_tests.sh

@@ -5,22 +5,46 @@
 ``SequenceLoader`` streams them back split by rank and worker, deterministic and
 resumable. See ``docs/data.md``.
 """
+from .bundled import SAMPLE_DATASETS, ensure_sample_shards
 from .config import ShardsConfig, StorageConfig
 from .errors import BadRecords, DataError, ManifestError, ShardError
 from .features import FeatureFile, TextEncoder
 from .importer import import_dataset
-from .interactions import DatasetMeta, InteractionData, Sequences, UserSequence, combine_domains
+from .interactions import (
+    DatasetMeta,
+    InteractionData,
+    Sequences,
+    UserSequence,
+    combine_domains,
+)
 from .items import ItemTable
 from .loader import SequenceLoader
 from .samples import collate, expand
 from .shards import build_shards, iter_sequences, load_item_table, read_manifest
-from .bundled import SAMPLE_DATASETS, ensure_sample_shards
 
 __all__ = [
-    "import_dataset", "combine_domains", "InteractionData", "Sequences", "UserSequence", "DatasetMeta",
-    "ItemTable", "FeatureFile", "TextEncoder",
-    "build_shards", "read_manifest", "load_item_table", "iter_sequences",
-    "ShardsConfig", "StorageConfig", "SequenceLoader", "collate", "expand",
-    "ensure_sample_shards", "SAMPLE_DATASETS",
-    "DataError", "ShardError", "ManifestError", "BadRecords",
+    "SAMPLE_DATASETS",
+    "BadRecords",
+    "DataError",
+    "DatasetMeta",
+    "FeatureFile",
+    "InteractionData",
+    "ItemTable",
+    "ManifestError",
+    "SequenceLoader",
+    "Sequences",
+    "ShardError",
+    "ShardsConfig",
+    "StorageConfig",
+    "TextEncoder",
+    "UserSequence",
+    "build_shards",
+    "collate",
+    "combine_domains",
+    "ensure_sample_shards",
+    "expand",
+    "import_dataset",
+    "iter_sequences",
+    "load_item_table",
+    "read_manifest",
 ]

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["register", "main"]
+__all__ = ["main", "register"]
 
 _EPILOG = """\
 examples:
@@ -61,7 +61,7 @@ def _per_source(values, n: int, flag: str):
 
 def _table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if isinstance(c, int) else str(c).ljust(w)  # noqa: E731
+    line = lambda r: "  ".join(str(c).rjust(w) if isinstance(c, int) else str(c).ljust(w)
                                for c, w in zip(r, widths))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 

@@ -5,7 +5,7 @@ import dataclasses
 
 from mmm4rec.config import ConfigError
 
-__all__ = ["StorageConfig", "ShardsConfig"]
+__all__ = ["ShardsConfig", "StorageConfig"]
 
 
 @dataclasses.dataclass
@@ -31,8 +31,10 @@ class ShardsConfig:
     """Where the shards are and how :class:`~data_shards.SequenceLoader` streams them.
 
     ``batch_size`` is per rank; ``eval_batch_size`` (default: ``batch_size``) is used for
-    valid/test. ``shuffle_buffer`` is in samples (per loader worker); ``num_workers`` 0
-    reads in the training process. ``verify_checksums`` hashes every shard on read.
+    valid/test. ``shuffle`` and ``drop_last`` apply to the train split only (valid/test
+    are read in order and in full). ``shuffle_buffer`` is in samples (per loader worker);
+    ``num_workers`` 0 reads in the training process. ``verify_checksums`` hashes every
+    shard on read.
     """
 
     url: str = ""
@@ -43,7 +45,7 @@ class ShardsConfig:
     num_workers: int = 2
     shuffle: bool = True
     shuffle_buffer: int = 20000
-    seed: int = 2020
+    seed: int = 0
     drop_last: bool = False
     verify_checksums: bool = True
 
@@ -55,5 +57,7 @@ class ShardsConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-__all__ = ["DataError", "ShardError", "ManifestError", "BadRecord", "BadRecords"]
+__all__ = ["BadRecord", "BadRecords", "DataError", "ManifestError", "ShardError"]
 
 
 class DataError(ValueError):

@@ -15,8 +15,9 @@ import dataclasses
 import hashlib
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,8 +25,14 @@ from tqdm.auto import tqdm
 from .errors import DataError
 from .items import ItemTable
 
-__all__ = ["DEFAULT_TEXT_ENCODER", "TextEncoder", "FeatureFile", "load_feature_matrix", "join_features",
-           "encode_item_text"]
+__all__ = [
+    "DEFAULT_TEXT_ENCODER",
+    "FeatureFile",
+    "TextEncoder",
+    "encode_item_text",
+    "join_features",
+    "load_feature_matrix",
+]
 
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 _BUNDLED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
@@ -212,20 +219,20 @@ def load_feature_matrix(ff: FeatureFile) -> np.ndarray:
         except ValueError as e:
             raise DataError(str(p), f"not a plain .npy array: {e}") from None
     elif fmt == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
-            arr = _pick_tensor(load_file(str(p)), ff)
-        except Exception as e:  # safetensors raises its own error types
-            if isinstance(e, DataError):
-                raise
+            tensors = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
             raise DataError(str(p), f"not a readable safetensors file: {e}") from None
+        arr = _pick_tensor(tensors, ff)
     elif fmt == "pt":
         import torch
 
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling errors of many kinds
+        except Exception as e:  # noqa: BLE001 -- unpickling fails in many ways, all mean "refused"
             raise DataError(str(p), f"not loadable with torch.load(weights_only=True): {e}") from None
         if isinstance(obj, torch.Tensor):
             obj = {"": obj}

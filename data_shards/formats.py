@@ -32,15 +32,15 @@ import gzip
 import html
 import json
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
 from .errors import BadRecords, DataError
 from .interactions import RawInteractions
 
-__all__ = ["FORMATS", "item_text_from_fields", "read_unisrec", "read_recbole", "read_lcrec", "read_amazon2018"]
+__all__ = ["FORMATS", "item_text_from_fields", "read_amazon2018", "read_lcrec", "read_recbole", "read_unisrec"]
 
 _WS = re.compile(r"\s+")
 
@@ -152,7 +152,7 @@ def _read_inter_rows(path: Path, users: dict, items: dict, bad: BadRecords) -> d
 def _unisrec_sequence(user: int, test_row, train_rows, valid_row, files: dict) -> list[int]:
     """The full sequence of ``user``: the test row, or rebuilt from the train rows when
     the test history was capped (more train rows than the test row accounts for)."""
-    hist, target, ln = test_row
+    hist, target, _ = test_row
     seq = hist + [target]
     if not train_rows or len(train_rows) + 3 <= len(seq) or valid_row is None:
         return seq
@@ -268,7 +268,7 @@ def read_recbole(path: str | Path, name: str | None = None, bad: BadRecords | No
     d = Path(path)
     name = _find_name(d, ".inter", name)
     inter_path = d / f"{name}.inter"
-    fields, types, rows = _read_atomic(inter_path, bad)
+    fields, _, rows = _read_atomic(inter_path, bad)
     for f_ in (user_field, item_field):
         if f_ not in fields:
             raise DataError(f"{inter_path}:1", f"no {f_!r} field in header {fields}")
@@ -283,7 +283,7 @@ def read_recbole(path: str | Path, name: str | None = None, bad: BadRecords | No
         if item_field not in ifields:
             raise DataError(f"{item_path}:1", f"no {item_field!r} field in header {ifields}")
         key = ifields.index(item_field)
-        pick = lambda aliases: next((j for j, f_ in enumerate(ifields) if f_ in aliases), None)  # noqa: E731
+        pick = lambda aliases: next((j for j, f_ in enumerate(ifields) if f_ in aliases), None)
         known = [pick(a) for a in (_TITLE, _BRAND, _CATEGORIES, _DESCRIPTION)]
         rest = [j for j, t in enumerate(itypes) if j != key and j not in known and t.startswith("token")]
         catalogue = {}

@@ -9,7 +9,7 @@ from .features import FeatureFile, TextEncoder, encode_item_text, join_features
 from .formats import FORMATS
 from .interactions import InteractionData, process
 
-__all__ = ["import_dataset", "file_sha256"]
+__all__ = ["file_sha256", "import_dataset"]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from .items import ItemTable
 
-__all__ = ["UserSequence", "Sequences", "DatasetMeta", "InteractionData", "RawInteractions", "process",
-           "combine_domains"]
+__all__ = [
+    "DatasetMeta",
+    "InteractionData",
+    "RawInteractions",
+    "Sequences",
+    "UserSequence",
+    "combine_domains",
+    "process",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +159,7 @@ class RawInteractions:
 
 
 def _counts(user: np.ndarray, item: np.ndarray) -> dict:
-    return {"users": int(len(np.unique(user))), "items": int(len(np.unique(item))), "interactions": int(len(user))}
+    return {"users": len(np.unique(user)), "items": len(np.unique(item)), "interactions": len(user)}
 
 
 def _k_core(user: np.ndarray, item: np.ndarray, k: int, n_users: int, n_items: int) -> np.ndarray:
@@ -227,7 +234,7 @@ def process(raw: RawInteractions, *, name: str, fmt: str, k_core: int = 5,
     )
     meta = DatasetMeta(
         name=name, format=fmt, time_source=time_source, k_core=k_core, counts_raw=counts_raw,
-        counts={"users": len(kept_users), "items": len(kept_items), "interactions": int(len(u))},
+        counts={"users": len(kept_users), "items": len(kept_items), "interactions": len(u)},
         dropped=dropped, bad_records=bad_records, source=source or {},
     )
     return InteractionData(sequences, items, meta)
@@ -278,10 +285,10 @@ def combine_domains(datasets: Sequence[InteractionData], names: Sequence[str] | 
         item_ids += [f"{name}:{x}" for x in t.item_ids[1:]]
         item_text += list(t.item_text[1:])
         item_domain += [name] * t.num_items
-        for m in encoders:
+        for m, seen in encoders.items():
             enc = getattr(t, f"{m}_encoder")
             if enc:
-                encoders[m].add(enc)
+                seen.add(enc)
         item_base += t.num_items
 
     if image_dim is not None:
@@ -296,7 +303,7 @@ def combine_domains(datasets: Sequence[InteractionData], names: Sequence[str] | 
     )
     seqs = Sequences(np.concatenate(offsets), np.concatenate(items), np.concatenate(times), user_ids, domains)
     sources = {d.meta.time_source for d in datasets}
-    total = lambda key, attr: sum(getattr(d.meta, attr)[key] for d in datasets)  # noqa: E731
+    total = lambda key, attr: sum(getattr(d.meta, attr)[key] for d in datasets)
     meta = DatasetMeta(
         name="+".join(names), format="mix",
         time_source=sources.pop() if len(sources) == 1 else "mixed",

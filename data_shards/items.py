@@ -90,7 +90,7 @@ class ItemTable:
 
     def with_features(self, *, text: np.ndarray | None = None, text_mask: np.ndarray | None = None,
                       text_encoder: str | None = None, image: np.ndarray | None = None,
-                      image_mask: np.ndarray | None = None, image_encoder: str | None = None) -> "ItemTable":
+                      image_mask: np.ndarray | None = None, image_encoder: str | None = None) -> ItemTable:
         """A copy with the given modality replaced (arrays of ``num_items + 1`` rows)."""
         return dataclasses.replace(
             self,

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class _Chunk:
     """Samples over CSR sequences: ``items``/``times`` [N], ``offsets`` [U+1], ``users`` [U];
     sample ``r`` is target index ``target[r]`` of sequence ``seq[r]``."""
 
-    __slots__ = ("items", "times", "offsets", "users", "seq", "target")
+    __slots__ = ("items", "offsets", "seq", "target", "times", "users")
 
     def __init__(self, items, times, offsets, users, seq, target):
         self.items, self.times, self.offsets, self.users = items, times, offsets, users
@@ -66,11 +67,11 @@ class _Chunk:
     def __len__(self) -> int:
         return len(self.seq)
 
-    def take(self, sel) -> "_Chunk":
+    def take(self, sel) -> _Chunk:
         return _Chunk(self.items, self.times, self.offsets, self.users, self.seq[sel], self.target[sel])
 
     @staticmethod
-    def concat(parts: list["_Chunk"]) -> "_Chunk":
+    def concat(parts: list[_Chunk]) -> _Chunk:
         if len(parts) == 1:
             return parts[0]
         base_items = np.cumsum([0] + [len(p.items) for p in parts[:-1]])
@@ -88,7 +89,7 @@ class _Chunk:
 class _SlotStream(IterableDataset):
     """What one DataLoader worker runs: the batches of its slot, tagged ``(slot, batch)``."""
 
-    def __init__(self, loader: "SequenceLoader", epoch: int, skip: list[int]):
+    def __init__(self, loader: SequenceLoader, epoch: int, skip: list[int]):
         self.loader = loader
         self.epoch = epoch
         self.skip = skip
@@ -114,8 +115,9 @@ class SequenceLoader:
         rank / world_size: this process's place in the job.
         num_workers: DataLoader worker processes (0: read in this process).
         seed: with the epoch, fixes the order.
-        shuffle: default True for train, False for valid/test.
-        drop_last: drop partial batches (see the module docstring) instead of padding them.
+        shuffle: default: the config's (True) for train, False for valid/test.
+        drop_last: drop partial batches (see the module docstring) instead of padding
+            them; default: the config's (False) for train, False for valid/test.
         storage_options: fsspec options (S3 endpoint/credentials), else the config's.
         shuffle_buffer: samples per shuffled chunk and worker.
         verify: check each shard's sha256 against the manifest when it is read.
@@ -135,19 +137,20 @@ class SequenceLoader:
             raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
-        eval_bs = cfg.eval_batch_size if split != "train" else None
+        pick = lambda given, default: default if given is None else given
         self.split = split
-        self.batch_size = int(batch_size or eval_bs or cfg.batch_size)
-        self.max_len = int(max_len or cfg.max_len)
+        default_bs = cfg.eval_batch_size if split != "train" and cfg.eval_batch_size else cfg.batch_size
+        self.batch_size = int(pick(batch_size, default_bs))
+        self.max_len = int(pick(max_len, cfg.max_len))
         self.rank, self.world_size = int(rank), int(world_size)
-        self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
-        self.seed = cfg.seed if seed is None else int(seed)
-        self.shuffle = (cfg.shuffle and split == "train") if shuffle is None else bool(shuffle)
-        self.drop_last = cfg.drop_last if drop_last is None else bool(drop_last)
-        self.shuffle_buffer = int(shuffle_buffer or cfg.shuffle_buffer)
-        self.verify = cfg.verify_checksums if verify is None else bool(verify)
-        if self.batch_size < 1 or self.max_len < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
-            raise ValueError("batch_size, max_len and shuffle_buffer must be >= 1 and num_workers >= 0")
+        self.num_workers = int(pick(num_workers, cfg.num_workers))
+        self.seed = int(pick(seed, cfg.seed))
+        self.shuffle = bool(pick(shuffle, cfg.shuffle and split == "train"))
+        self.drop_last = bool(pick(drop_last, cfg.drop_last and split == "train"))
+        self.shuffle_buffer = int(pick(shuffle_buffer, cfg.shuffle_buffer))
+        self.verify = bool(pick(verify, cfg.verify_checksums))
+        if min(self.batch_size, self.max_len, self.shuffle_buffer) < 1 or min(self.num_workers, self.seed) < 0:
+            raise ValueError("batch_size, max_len and shuffle_buffer must be >= 1, num_workers and seed >= 0")
         if storage_options is None and isinstance(cfg_or_url, ShardsConfig):
             storage_options = cfg.storage.to_options()
         self.store = Store(url, storage_options)

@@ -12,7 +12,8 @@ and each history is the last ``max_len`` items before the target.
 """
 from __future__ import annotations
 
-from typing import Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch

@@ -18,7 +18,8 @@ import hashlib
 import io
 import json
 import tarfile
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -31,8 +32,15 @@ from .items import ItemTable
 from .samples import SPLITS, num_samples_array
 from .storage import Store
 
-__all__ = ["SCHEMA_VERSION", "build_shards", "read_manifest", "load_item_table", "read_shard_records",
-           "decode_sequence", "iter_sequences"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "build_shards",
+    "decode_sequence",
+    "iter_sequences",
+    "load_item_table",
+    "read_manifest",
+    "read_shard_records",
+]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -100,15 +100,16 @@ class TablesConfig:
 class OptimizerConfig:
     """The dense optimizer (a torch optimizer handed to ``deepspeed.initialize``).
 
-    ``nadam`` and ``adam`` apply ``weight_decay`` as coupled L2 (added to the gradient,
-    as the paper's NAdam); ``adamw`` decays decoupled.
+    ``nadam``, ``adam`` and ``sgd`` apply ``weight_decay`` as coupled L2 (added to the
+    gradient, as the paper's NAdam); ``adamw`` decays decoupled. ``momentum`` is SGD's.
     """
 
-    name: Literal["nadam", "adamw", "adam"] = "nadam"
+    name: Literal["nadam", "adamw", "adam", "sgd"] = "nadam"
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    momentum: float = 0.0
 
     def validate(self) -> None:
         if self.lr <= 0:

@@ -2,7 +2,7 @@
 
 Only ``model.dense`` (the transferable weights) goes to DeepSpeed; the item tables
 are torchrec's (``dist/tables.py``). DeepSpeed gets a *torch* optimizer object
-(NAdam with coupled L2 as in the paper, Adam, or AdamW): a DeepSpeed ``"optimizer"``
+(NAdam with coupled L2 as in the paper, Adam, AdamW or SGD): a DeepSpeed ``"optimizer"``
 block would select its fused CPU Adam, which JIT-compiles for minutes on CPU and
 cannot do NAdam.
 
@@ -33,6 +33,8 @@ def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
         return torch.optim.NAdam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     raise ValueError(f"train.optimizer.name: unknown optimizer {cfg.name!r}")

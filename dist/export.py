@@ -66,8 +66,8 @@ def export_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, out: str | 
     mc = ck.model_config
     state = dense_state_dict(ck)
     # check against the model class: a clear error instead of an unloadable export
-    from mmm4rec.models import MODELS
     from mmm4rec.config import from_dict
+    from mmm4rec.models import MODELS
 
     from .model import build_dense
 

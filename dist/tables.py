@@ -21,9 +21,10 @@ Boundary with DeepSpeed (the contract ``dist/model.py`` relies on):
 
 * lookups return plain tensors ``{spec name: [..., dim]}``: the dense engine never
   sees torchrec types;
-* gradients of looked-up trainable rows are scaled by ``1 / world_size``: torchrec
-  sums row gradients over ranks while DeepSpeed averages dense gradients, and the
-  scale makes both the gradient of the same global loss (so 1 and N processes agree);
+* gradients of looked-up trainable rows are *averaged* over ranks, like DeepSpeed's
+  dense gradients: torchrec's all-to-all backward divides by the world size
+  (``torchrec.distributed.comm_ops`` gradient division, asserted on here), so both
+  sides follow the gradient of the same global loss and 1 and N processes agree;
 * ``engine.backward(loss)`` drives the fused table update (DeepSpeed's loss scaling
   for gradient accumulation applies to the tables too); tables step every
   micro-batch, the dense optimizer at accumulation boundaries.
@@ -111,17 +112,6 @@ def init_rows(spec: TableSpec, lo: int, hi: int, seed: int) -> torch.Tensor:
     return out
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
 class _TablesRoot(nn.Module):
     """What DistributedModelParallel wraps: one EmbeddingCollection per packed table."""
 
@@ -142,15 +132,15 @@ class _TablesRoot(nn.Module):
 
 def _fused_optimizer(cfg: TablesConfig, device: torch.device):
     """(optimizer class, kwargs) for ``apply_optimizer_in_backward`` of the trainable table."""
-    from fbgemm_gpu.split_embedding_configs import WeightDecayMode
-
     import torchrec.optim as trec_optim
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 
     if cfg.optimizer == "adam" and device.type != "cuda":
         raise ValueError("tables.optimizer: adam runs only on GPU (fbgemm's CPU kernels implement adagrad, "
                          "rowwise_adagrad and sgd); choose one of those on CPU")
-    cls = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": trec_optim.RowWiseAdagrad,
-           "sgd": torch.optim.SGD, "adam": torch.optim.Adam}[cfg.optimizer]
+    # torchrec's wrappers: the fbgemm kernel is chosen from the class, extra kwargs pass through
+    cls = {"adagrad": trec_optim.Adagrad, "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+           "sgd": trec_optim.SGD, "adam": trec_optim.Adam}[cfg.optimizer]
     kwargs = {"lr": cfg.lr}
     if cfg.optimizer != "sgd":
         kwargs["eps"] = cfg.eps
@@ -163,8 +153,8 @@ def _fused_optimizer(cfg: TablesConfig, device: torch.device):
 class ShardedItemTables:
     """The item tables of one model, sharded over the job (``env``).
 
-    ``lookup(ids)`` -> ``{spec name: rows [*ids.shape, dim]}`` (features detached,
-    trainable rows with the gradient scale described in the module docstring).
+    ``lookup(ids)`` -> ``{spec name: rows [*ids.shape, dim]}`` (feature rows detached;
+    trainable rows carry the gradient that the fused optimizer applies in backward).
     """
 
     def __init__(self, specs: list[TableSpec], cfg: TablesConfig, env, seed: int):
@@ -175,6 +165,11 @@ class ShardedItemTables:
         from torchrec.distributed.types import ShardingEnv, ShardingType
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+        from torchrec.distributed import comm_ops
+
+        if not comm_ops.get_gradient_division():
+            raise RuntimeError("torchrec gradient division is off (comm_ops.set_gradient_division(False)): table "
+                               "gradients would be summed over ranks while DeepSpeed averages the dense ones")
         self.env = env
         self.cfg = cfg
         self.seed = int(seed)
@@ -264,13 +259,10 @@ class ShardedItemTables:
                 for t in self.packed}
         out = self.dmp(kjts)
         rows: dict[str, torch.Tensor] = {}
-        scale = 1.0 / self.env.world_size
         for t in self.packed:
             v = out[t.name][f"{t.name}.item"].values()
             if t.kind == FEATURE:
                 v = v.detach()
-            elif scale != 1.0:
-                v = _ScaleGrad.apply(v, scale)
             for c in t.columns:
                 rows[c.spec.name] = v[:, c.start:c.stop].reshape(*shape, c.spec.dim)
         return rows
@@ -345,7 +337,7 @@ class ShardReader:
         self.packed = metas[0]["packed"] if metas else []
         self.optimizer = metas[0].get("optimizer") if metas else None
         self._index = []   # (table, state, lo, n, file)
-        for f, m in zip(files, metas):
+        for f, m in zip(files, metas, strict=True):
             for table, state, lo, n in m["shards"]:
                 self._index.append((table, state, int(lo), int(n), f))
 

@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_process_env()   # before DeepSpeed is imported (accelerator, extension cache, threads)
 
     from data_shards import DataError
-    from mmm4rec.config import ConfigError
-
     from dist.config import load_experiment
+    from mmm4rec.config import ConfigError
 
     try:
         cfg = load_experiment(args.config, args.overrides)

@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-from mmm4rec.config import ConfigError, save_yaml, to_dict
+from mmm4rec.config import ConfigError, save_yaml
 
-from .checkpoint import ENGINE_TAG, CheckpointDir, CheckpointStore, safe_torch_load, tag_for_step
-from .config import (ExperimentConfig, finalize_deepspeed_config, load_deepspeed_config, resolve_model_config,
-                     zero_stage)
-from .env import init_distributed, rng_isolated, rng_state, seed_everything, set_rng_state
+from .checkpoint import ENGINE_TAG, CheckpointStore, safe_torch_load, tag_for_step
+from .config import ExperimentConfig, zero_stage
+from .env import init_distributed, rng_isolated, rng_state, set_rng_state
 from .evaluation import evaluate
 from .monitor import Monitor
 
-__all__ = ["run", "TrainerState", "check_export_compatible"]
+__all__ = ["run", "Trainer", "TrainerState"]
 
 
 @dataclasses.dataclass
@@ -56,66 +55,8 @@ class TrainerState:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     samples: float = 0.0         # real (weight 1) training samples seen, all ranks
-
-
-# ---------------------------------------------------------------------- init_from
-def read_export_header(path: str) -> dict:
-    """``config.json`` of an export; clear errors for a missing/foreign directory."""
-    p = Path(path)
-    for f in ("config.json", "model.safetensors"):
-        if not (p / f).is_file():
-            raise ConfigError(f"train.init_from: {p} is not an export (missing {f}; an export is "
-                              f"OUTPUT_DIR/export of a run, or the output of 'mmm4rec export')")
-    try:
-        head = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"train.init_from: {p}/config.json is not valid JSON: {e}") from None
-    if not isinstance(head, dict) or "model_type" not in head or "config" not in head:
-        raise ConfigError(f"train.init_from: {p}/config.json has no model_type/config")
-    return head
-
-
-def check_export_compatible(path: str, model_type: str, dense: torch.nn.Module) -> tuple[dict, list[str]]:
-    """Load an export's weights for ``dense``: ``(state, notes)``; raises ConfigError
-    listing every missing, unexpected or differently shaped tensor."""
-    from safetensors import safe_open
-
-    head = read_export_header(path)
-    if head["model_type"] != model_type:
-        raise ConfigError(f"train.init_from: {path} holds a {head['model_type']} model, the config builds "
-                          f"{model_type}")
-    own = dense.state_dict()
-    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as fh:
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        problems = [f"  {k}: export {shapes[k]} vs model {tuple(own[k].shape)}"
-                    for k in shapes if k in own and tuple(own[k].shape) != shapes[k]]
-        problems += [f"  {k}: missing in the export" for k in own if k not in shapes]
-        problems += [f"  {k}: not in the model" for k in shapes if k not in own]
-        if problems:
-            raise ConfigError(f"train.init_from: {path} is incompatible with the model config:\n"
-                              + "\n".join(problems))
-        state = {k: fh.get_tensor(k) for k in shapes}
-    notes = []
-    mine = dataclasses.asdict(dense.cfg) if hasattr(dense, "cfg") and dataclasses.is_dataclass(dense.cfg) else {}
-    for k, v in head["config"].items():
-        if k in mine and mine[k] != v and k not in ("num_items",):
-            notes.append(f"{k}: export {v!r}, this run {mine[k]!r}")
-    return state, notes
-
-
-# ---------------------------------------------------------------------- data
-def resolve_data_url(cfg: ExperimentConfig, env) -> str:
-    """``data.url``, or the bundled sample's shards (built once, by rank 0)."""
-    if cfg.data.url:
-        return cfg.data.url
-    from data_shards import ensure_sample_shards
-
-    out = cfg.data.resolved_sample_dir()
-    url = None
-    if env.is_main:
-        url = ensure_sample_shards(cfg.data.sample, out, progress=False)
-    env.barrier()
-    return url if env.is_main else ensure_sample_shards(cfg.data.sample, out, progress=False)
+    epoch_loss: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])   # this rank's sum loss*w, sum w
+                                 # (per rank: restored from ranks/rank_N.json)
 
 
 # ---------------------------------------------------------------------- the run
@@ -148,7 +89,8 @@ class Trainer:
 
         base = staged / "ranks" / f"rank_{env.rank:05d}"
         save_file({**tensors, **rng_tensors}, str(base.with_suffix(".safetensors")))
-        rank_meta = {**table_meta, "rank": env.rank, "loader": self.loaders["train"].state_dict(), "rng": rng_meta}
+        rank_meta = {**table_meta, "rank": env.rank, "loader": self.loaders["train"].state_dict(), "rng": rng_meta,
+                     "epoch_loss": st.epoch_loss, "log_loss": self._log_loss.tolist()}
         base.with_suffix(".json").write_text(json.dumps(rank_meta))
         if env.is_main:
             save_yaml(self.cfg, staged / "config.yaml")
@@ -185,6 +127,8 @@ class Trainer:
         if self.state.epoch_step:
             loader.load_state_dict(rank_meta["loader"])
         set_rng_state(rank_meta["rng"], rank_tensors)
+        self.state.epoch_loss = list(rank_meta["epoch_loss"])        # per rank, not rank 0's
+        self._log_loss = torch.tensor(rank_meta["log_loss"], dtype=torch.float64)
         self._set_table_lr()
 
     # ------------------------------------------------------------------ pieces
@@ -218,7 +162,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
-        cfg, st, env = self.cfg, self.state, self.env
+        cfg, st = self.cfg, self.state
         gas = cfg.train.gradient_accumulation_steps
         model, loader = self.model, self.loaders["train"]
         model.train()
@@ -229,7 +173,7 @@ class Trainer:
             loader.set_epoch(epoch)   # keeps a resumed position of the same epoch
             self.monitor.start_epoch(epoch + 1, self.steps_per_epoch, initial=st.epoch_step)
             t0 = time.time()
-            epoch_loss = torch.zeros(2, dtype=torch.float64)
+            epoch_loss = torch.tensor(st.epoch_loss, dtype=torch.float64)   # carried over a mid-epoch resume
             it = iter(loader)
             while st.epoch_step < self.steps_per_epoch:
                 if cfg.train.max_steps and st.step >= cfg.train.max_steps:
@@ -245,6 +189,7 @@ class Trainer:
                     part = torch.stack([loss_sum.double().cpu(), w.double().cpu()])
                     self._log_loss += part
                     epoch_loss += part
+                st.epoch_loss = epoch_loss.tolist()
                 st.step += 1
                 st.epoch_step += 1
                 self._set_table_lr()
@@ -261,6 +206,7 @@ class Trainer:
             st.train_seconds += time.time() - t0
             totals = self.env.all_reduce_sum(epoch_loss)
             st.samples += float(totals[1])
+            st.epoch_loss = [0.0, 0.0]
             self._end_epoch(epoch, float(totals[0] / max(float(totals[1]), 1.0)))
         self.monitor.log(f"training done: {st.step} steps, {st.epoch} epochs"
                          + (" (early stop)" if st.stopped_early else ""))
@@ -298,18 +244,12 @@ class Trainer:
 
 def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.PathLike, resume: bool) -> dict:
     """The whole run on this process (all ranks call it). Returns ``metrics.json``'s dict."""
+    from .setup import build, preflight
+
     t_start = time.time()
     output_dir = Path(output_dir).resolve()
-    # --- 1. checks that need no processes
-    ds_path, ds_json = load_deepspeed_config(cfg, config_file)
-    if cfg.train.init_from:
-        read_export_header(cfg.train.init_from)
-
-    # --- 2. processes, data, model config
-    env = init_distributed()
-    from .engine import build_engine, resolve_precision
-
-    precision = resolve_precision(cfg.train.precision, env.device)
+    ds_json = preflight(cfg, config_file)        # 1. checks that need no processes
+    env = init_distributed()                    # 2. processes
     ckpt_location = cfg.checkpoint.dir or str(output_dir / "checkpoints")
     store = CheckpointStore(ckpt_location, env, keep_last=cfg.checkpoint.keep_last,
                             storage_options=cfg.checkpoint.storage.to_options())
@@ -319,54 +259,12 @@ def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.Pat
                           f"continue that run, or choose another output directory")
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-
-    from data_shards import SequenceLoader, load_item_table, read_manifest
-
-    url = resolve_data_url(cfg, env)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, url=url, sample=None))
-    storage = cfg.data.storage.to_options()
-    manifest = read_manifest(url, storage)
-    model_type, model_cfg = resolve_model_config(cfg, manifest)
-    cfg = dataclasses.replace(cfg, model={"type": model_type, **dataclasses.asdict(model_cfg)})
-
-    from .model import DistRecModel, build_dense
-    from .tables import ShardedItemTables
-
-    seed_everything(cfg.train.seed, rank=0)          # identical dense init on every rank
-    dense, specs = build_dense(model_type, model_cfg)
-    notes: list[str] = []
-    if cfg.train.init_from and resume_tag is None:
-        state, notes = check_export_compatible(cfg.train.init_from, model_type, dense)
-        dense.load_state_dict(state)
-
-    loaders = {
-        "train": SequenceLoader(cfg.data, "train", rank=env.rank, world_size=env.world_size),
-        "valid": SequenceLoader(cfg.data, "valid", rank=env.rank, world_size=env.world_size, shuffle=False),
-        "test": SequenceLoader(cfg.data, "test", rank=env.rank, world_size=env.world_size, shuffle=False),
-    }
-    gas = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(loaders["train"]) // gas
-    if cfg.train.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size: {len(loaders['train'])} micro-batches per epoch per rank are fewer "
-                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-
-    tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed)
-    feature_names = [s.name for s in specs if s.kind == "feature"]
-    if feature_names:
-        from mmm4rec.models.base import item_table_features
-
-        tables.load_features(item_table_features(load_item_table(url, storage), feature_names))
-    ds_config = finalize_deepspeed_config(ds_json, cfg, env.world_size)
-    engine = build_engine(dense, cfg, ds_config, total_steps)
-    seed_everything(cfg.train.seed, rank=env.rank)   # per-rank dropout streams
-    model = DistRecModel(model_type, model_cfg, tables, engine, env, precision)
-
-    meta = {"model_config": {"model_type": model_type, "config": dataclasses.asdict(model_cfg)},
+    parts = build(cfg, env, ds_json, load_init=resume_tag is None)   # 3. data, tables, engine
+    cfg, model, loaders, ds_config = parts.cfg, parts.model, parts.loaders, parts.ds_config
+    steps_per_epoch, precision, manifest = parts.steps_per_epoch, parts.precision, parts.manifest
+    model_type, tables, gas, notes = parts.model_type, model.tables, cfg.train.gradient_accumulation_steps, parts.notes
+    engine = model.engine
+    meta = {"model_config": {"model_type": model_type, "config": dataclasses.asdict(parts.model_cfg)},
             "zero_stage": zero_stage(ds_config)}
     trainer = Trainer(cfg, model, loaders, store, None, output_dir, env, steps_per_epoch, meta)
     if resume_tag is not None:

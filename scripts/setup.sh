@@ -47,12 +47,12 @@ PY
   rm -f "$VENV"/.mmm4rec-setup-*
   touch "$STAMP"
 fi
-if [ "$DEV" = 1 ] && ! command -v slurmctld >/dev/null 2>&1; then
+if [ "$DEV" = 1 ] && ! { command -v slurmctld && command -v shellcheck; } >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[setup] Slurm + munge from Debian packages"
+    echo "[setup] Slurm, munge and shellcheck from Debian packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge shellcheck >/dev/null
   else
     echo "[setup] not root or no apt-get: Slurm tests will skip (install slurm-wlm and munge yourself)" >&2
   fi

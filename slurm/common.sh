@@ -302,11 +302,13 @@ mmm4rec_run() {
     mmm4rec_log "training FAILED with exit code $rc after ${took}s (job $SLURM_JOB_ID)"
     exit "$rc"
   fi
-  if [[ ! -f "$output_dir/export/model.safetensors" ]]; then
-    mmm4rec_log "training exited 0 but left no export in $output_dir/export"
-    [[ "$kind" == pretrain ]] && MMM4REC_DIE_CODE=3 mmm4rec_die "pretraining produced no export to transfer"
+  if [[ -f "$output_dir/export/model.safetensors" ]]; then
+    mmm4rec_log "training finished in ${took}s; export: $output_dir/export"
+  elif [[ "$kind" == pretrain ]]; then
+    MMM4REC_DIE_CODE=3 mmm4rec_die "training exited 0 after ${took}s but left no export in $output_dir/export: nothing to transfer"
+  else
+    mmm4rec_log "training finished in ${took}s, but left no export in $output_dir/export"
   fi
-  mmm4rec_log "training finished in ${took}s; export: $output_dir/export"
 }
 
 # mmm4rec_main KIND SCRIPT_FILE [ARG...]: the entry point of pretrain.sh and

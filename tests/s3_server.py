@@ -7,10 +7,12 @@ creates a bucket). Only a missing ``moto_server`` binary skips, with the reason 
 a server that does not come up is an error carrying its log. The server is stopped by
 its own pid afterwards.
 
-Import it into a test module with ``from s3_server import s3_server  # noqa: F401``.
+Import it into a test module with ``from s3_server import s3_server  # noqa: F401``;
+scripts use :func:`moto_server` directly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -20,11 +22,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-__all__ = ["S3Server", "s3_server"]
+__all__ = ["S3Server", "moto_binary", "moto_server", "s3_server"]
 
 
 def _free_port() -> int:
@@ -33,7 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _moto_binary() -> str | None:
+def moto_binary() -> str | None:
+    """``moto_server`` next to this interpreter, else on PATH, else None."""
     here = Path(sys.executable).parent / "moto_server"
     return str(here) if here.is_file() else shutil.which("moto_server")
 
@@ -62,11 +66,9 @@ class S3Server:
         return f"s3://{name}"
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    binary = _moto_binary()
-    if binary is None:
-        pytest.skip("moto_server not installed (pip install 'moto[server]'): no local S3 endpoint")
+@contextlib.contextmanager
+def moto_server(binary: str) -> Iterator[S3Server]:
+    """Run ``moto_server`` on a free 127.0.0.1 port until the block exits (stopped by its pid)."""
     port = _free_port()
     log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -94,3 +96,12 @@ def s3_server():
             proc.wait()
         log.close()
         os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    binary = moto_binary()
+    if binary is None:
+        pytest.skip("moto_server not installed (pip install 'moto[server]'): no local S3 endpoint")
+    with moto_server(binary) as server:
+        yield server

@@ -2,6 +2,7 @@
 ``skip_bad`` skips bad records and reports how many, where and why."""
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -9,8 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards import (DataError, FeatureFile, ManifestError, SequenceLoader, ShardError, build_shards,
-                         import_dataset, load_item_table, read_manifest)
+from data_shards import (
+    DataError,
+    FeatureFile,
+    ManifestError,
+    SequenceLoader,
+    ShardError,
+    build_shards,
+    import_dataset,
+    load_item_table,
+    read_manifest,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
@@ -63,30 +73,15 @@ def test_malformed_row_names_file_line_and_field(sci, tmp_path):
     with pytest.raises(DataError, match=r"Scientific\.test\.inter:5: malformed row: invalid literal for int\(\).*'x'"):
         import_dataset("unisrec", sci)
     (tmp_path / "r.csv").write_text("B1,u1,5.0,100\nB2,u1,5.0\n")
-    with gzip_meta(tmp_path / "meta_r.json.gz"):
-        with pytest.raises(DataError, match=r"r\.csv:2: malformed row: expected 'item,user,rating,timestamp', got 3"):
-            import_dataset("amazon2018", tmp_path / "r.csv")
+    with gzip.open(tmp_path / "meta_r.json.gz", "wt") as f:
+        f.write(json.dumps({"asin": "B1", "title": "t"}) + "\n")
+    with pytest.raises(DataError, match=r"r\.csv:2: malformed row: expected 'item,user,rating,timestamp', got 3"):
+        import_dataset("amazon2018", tmp_path / "r.csv")
     (tmp_path / "lc").mkdir()
     (tmp_path / "lc" / "D.inter.json").write_text('{"0": [0, 1,\n 2}')
     (tmp_path / "lc" / "D.item.json").write_text("{}")
     with pytest.raises(DataError, match=r"D\.inter\.json:2: not valid JSON"):
         import_dataset("lcrec", tmp_path / "lc")
-
-
-class gzip_meta:
-    """Writes a one-item Amazon 2018 metadata file for the duration of a ``with``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        import gzip
-
-        with gzip.open(self.path, "wt") as f:
-            f.write(json.dumps({"asin": "B1", "title": "t"}) + "\n")
-
-    def __exit__(self, *exc):
-        self.path.unlink()
 
 
 def test_unknown_item_id_is_named(sci, tmp_path):

@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards import (FeatureFile, ItemTable, SequenceLoader, build_shards, combine_domains, import_dataset,
-                         load_item_table)
+from data_shards import (
+    FeatureFile,
+    ItemTable,
+    SequenceLoader,
+    build_shards,
+    combine_domains,
+    import_dataset,
+    load_item_table,
+)
 from data_shards.formats import item_text_from_fields
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"

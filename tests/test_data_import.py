@@ -11,13 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards import FeatureFile, build_shards, import_dataset, iter_sequences, read_manifest
+from data_shards import (
+    FeatureFile,
+    build_shards,
+    import_dataset,
+    iter_sequences,
+    read_manifest,
+)
 from data_shards.samples import expand
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MMM4REC_SHARED_DATA", REPO.parent / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (SHARED / "README.md").is_file(),
                                 reason=f"shared real data not found at {SHARED} (set MMM4REC_SHARED_DATA)")
+
+
+def read_index(path: Path) -> dict[str, int]:
+    """A UniSRec ``<id>\t<index>`` file."""
+    return {k: int(v) for k, v in (line.split("\t") for line in path.read_text().splitlines())}
 
 
 def counts(data, raw=True):
@@ -59,25 +70,16 @@ def test_five_core_leave_one_out_scientific_matches_the_unisrec_split():
     data = import_dataset("unisrec", SHARED / "unisrec_scientific")  # k_core=5
     assert counts(data, raw=False)[:2] == (8442, 4385)
     # Our leave-one-out train samples (history capped at 50) are exactly UniSRec's train rows.
-    index = {}
-    for line in open(SHARED / "unisrec_scientific" / "Scientific.item2index"):
-        asin, i = line.rstrip("\n").split("\t")
-        index[asin] = int(i)
-    users = {}
-    for line in open(SHARED / "unisrec_scientific" / "Scientific.user2index"):
-        uid, u = line.rstrip("\n").split("\t")
-        users[uid] = int(u)
+    index, users = (read_index(SHARED / "unisrec_scientific" / f"Scientific.{k}2index") for k in ("item", "user"))
     to_src = np.array([-1] + [index[a] for a in data.items.item_ids[1:]])
     ours = collections.Counter()
     for s in data.sequences:
         for smp in expand(s.user, s.items, s.times, "train", 50):
             ours[(users[s.user_id], tuple(to_src[smp["history"]].tolist()), int(to_src[smp["target"]]))] += 1
     theirs = collections.Counter()
-    with open(SHARED / "unisrec_scientific" / "Scientific.train.inter") as f:
-        next(f)
-        for line in f:
-            u, hist, t = line.rstrip("\n").split("\t")
-            theirs[(int(u), tuple(int(x) for x in hist.split()), int(t))] += 1
+    for line in (SHARED / "unisrec_scientific" / "Scientific.train.inter").read_text().splitlines()[1:]:
+        u, hist, t = line.split("\t")
+        theirs[(int(u), tuple(int(x) for x in hist.split()), int(t))] += 1
     assert sum(theirs.values()) == 34101
     assert ours == theirs
 
@@ -111,7 +113,7 @@ def test_clip_image_features_join_the_full_scientific_set_by_asin(tmp_path):
     assert table.image.shape == (4386, 512) and int(table.image_mask.sum()) == 1585
     assert not table.image[~table.image_mask].any()  # missing = zero row + False mask, never a fake vector
     raw = np.fromfile(mm / "Scientific.feat3CLS", dtype="<f4").reshape(-1, 512)
-    rows = {line.split("\t")[0]: int(line.split("\t")[1]) for line in open(mm / "Scientific.item2index")}
+    rows = read_index(mm / "Scientific.item2index")
     for i in np.flatnonzero(table.image_mask)[::97]:
         np.testing.assert_array_equal(table.image[i], raw[rows[table.item_ids[i]]])
     manifest = build_shards(data, str(tmp_path / "sci"), shard_size=2000, progress=False)

@@ -14,9 +14,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_shards import SequenceLoader, ShardsConfig, build_shards, import_dataset, iter_sequences
-from data_shards.samples import (collate, collate_index, expand, num_samples, num_samples_array, sample_index,
-                                 target_positions)
+from data_shards import (
+    SequenceLoader,
+    ShardsConfig,
+    build_shards,
+    import_dataset,
+    iter_sequences,
+)
+from data_shards.samples import (
+    collate,
+    collate_index,
+    expand,
+    num_samples,
+    num_samples_array,
+    sample_index,
+    target_positions,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICE = REPO / "data" / "samples" / "office"

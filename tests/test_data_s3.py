@@ -11,8 +11,16 @@ import pytest
 import torch
 from s3_server import s3_server  # noqa: F401  (session fixture)
 
-from data_shards import (SequenceLoader, ShardError, ShardsConfig, build_shards, import_dataset, iter_sequences,
-                         load_item_table, read_manifest)
+from data_shards import (
+    SequenceLoader,
+    ShardError,
+    ShardsConfig,
+    build_shards,
+    import_dataset,
+    iter_sequences,
+    load_item_table,
+    read_manifest,
+)
 from data_shards.features import FeatureFile
 
 pytestmark = pytest.mark.s3

@@ -9,7 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from data_shards import SequenceLoader, ensure_sample_shards, load_item_table, read_manifest
+from data_shards import (
+    SequenceLoader,
+    ensure_sample_shards,
+    load_item_table,
+    read_manifest,
+)
 from data_shards.bundled import SAMPLES_DIR
 from data_shards.features import TextEncoder
 
@@ -65,7 +70,8 @@ def test_item_tables(built):
     norms = np.linalg.norm(sci.text[1:], axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)  # MiniLM vectors are normalised
     raw = np.fromfile(SAMPLES_DIR / "scientific_mm" / "Scientific.feat3CLS", dtype="<f4").reshape(-1, 512)
-    index = dict(line.rstrip("\n").split("\t") for line in open(SAMPLES_DIR / "scientific_mm" / "Scientific.item2index"))
+    index = dict(line.split("\t") for line in (SAMPLES_DIR / "scientific_mm" / "Scientific.item2index").read_text()
+                 .splitlines())
     for i in (1, 2, 777, 1585):
         np.testing.assert_array_equal(sci.image[i], raw[int(index[sci.item_ids[i]])])
     assert (sci.domain[1:] == "scientific_mm").all() and sci.item_ids[0] == ""

@@ -11,17 +11,21 @@ from __future__ import annotations
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see above)
+try:  # import it now, under the interpreter, not later inside a TRITON_INTERPRET=0 test
+    import triton  # noqa: F401
+except ImportError:
+    pass
 
-import inspect  # noqa: E402
-import warnings  # noqa: E402
+import inspect
+import warnings
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from mmm4rec import kernels  # noqa: E402
-from mmm4rec.kernels import dispatch  # noqa: E402
-from mmm4rec.kernels.fourier_ref import fourier_filter_ref  # noqa: E402
-from mmm4rec.kernels.ssd_ref import ssd_chunked_ref  # noqa: E402
+from mmm4rec import kernels
+from mmm4rec.kernels import dispatch
+from mmm4rec.kernels.fourier_ref import fourier_filter_ref
+from mmm4rec.kernels.ssd_ref import ssd_chunked_ref
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not CUDA, reason="no CUDA device: compiled Triton kernels need a GPU "
                        "(CPU coverage: tests/test_kernels_interpret.py)"),
 ]
-compiled = pytest.mark.skipif(INTERPRET, reason="TRITON_INTERPRET=1 in this process: the compiled "
+compiled = pytest.mark.skipif(CUDA and INTERPRET, reason="TRITON_INTERPRET=1 in this process: the compiled "
                               "tests run in a child process (test_compiled_suite_in_clean_process)")
 
 TOL_FP32 = 1e-4
@@ -37,7 +37,7 @@ def test_compiled_suite_in_clean_process():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=3600)
+        env=env, capture_output=True, text=True, timeout=3600, check=False)
     assert proc.returncode == 0, (proc.stdout[-8000:] + proc.stderr[-4000:])
 
 

@@ -4,7 +4,7 @@
 ``set_backend("auto" | "triton" | "reference")`` or ``$MMM4REC_KERNELS`` override it.
 Design, tests and benchmark: docs/kernels.md.
 """
-from ._common import UnsupportedShapeError  # noqa: F401
-from .dispatch import fourier_filter, get_backend, set_backend, ssd  # noqa: F401
+from ._common import UnsupportedShapeError
+from .dispatch import fourier_filter, get_backend, set_backend, ssd
 
-__all__ = ["ssd", "fourier_filter", "set_backend", "get_backend", "UnsupportedShapeError"]
+__all__ = ["UnsupportedShapeError", "fourier_filter", "get_backend", "set_backend", "ssd"]

@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 __all__ = [
     "UnsupportedShapeError",
-    "interpreting",
-    "interpreter_active",
-    "triton_importable",
-    "empty",
-    "poison_outputs",
+    "check_device",
     "dot_precision",
+    "empty",
+    "interpreter_active",
+    "interpreting",
     "next_pow2",
     "num_sms",
-    "check_device",
+    "poison_outputs",
     "same_layout",
+    "triton_importable",
 ]
 
 
@@ -72,11 +72,11 @@ def triton_importable() -> bool:
     global _TRITON_OK
     if _TRITON_OK is None:
         try:
-            import triton  # noqa: F401
+            import triton
             import triton.language  # noqa: F401
 
             _TRITON_OK = True
-        except Exception:  # ImportError, or a broken install raising at import
+        except Exception:  # noqa: BLE001 - ImportError, or a broken install raising at import
             _TRITON_OK = False
     return _TRITON_OK
 

@@ -23,21 +23,33 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
-from ._common import UnsupportedShapeError, interpreter_active, interpreting, triton_importable
+from ._common import (
+    UnsupportedShapeError,
+    interpreter_active,
+    interpreting,
+    triton_importable,
+)
 from .fourier_ref import fourier_filter_ref
 from .ssd_ref import ssd_chunked_ref
 
-__all__ = ["ssd", "fourier_filter", "set_backend", "get_backend", "resolve_backend",
-           "UnsupportedShapeError", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "UnsupportedShapeError",
+    "fourier_filter",
+    "get_backend",
+    "resolve_backend",
+    "set_backend",
+    "ssd",
+]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "MMM4REC_KERNELS"
 
-_backend_override: Optional[str] = None
+_backend_override: str | None = None
 _warned: set = set()
 
 
@@ -48,7 +60,7 @@ def _validate(name: str, source: str) -> str:
     return value
 
 
-def set_backend(name: Optional[str]) -> None:
+def set_backend(name: str | None) -> None:
     """Choose the kernel backend for this process; ``None`` returns to the env var / auto."""
     global _backend_override
     _backend_override = None if name is None else _validate(name, "set_backend")

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from ._common import empty, same_layout
-from .ssd_ref import ssd_chunk_cumsum_ref as chunk_cumsum_ref  # noqa: F401  (the twin)
+from .ssd_ref import ssd_chunk_cumsum_ref as chunk_cumsum_ref  # the twin
 
-__all__ = ["chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_cumsum_ref"]
+__all__ = ["chunk_cumsum_bwd", "chunk_cumsum_fwd", "chunk_cumsum_ref"]
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _chunk_cumsum_fwd_kernel(
     stride_out_b, stride_out_h, stride_out_c, stride_out_q,
     CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)        # int64 offsets: b * stride may pass 2^31
     pid_c = tl.program_id(1)
     pid_h = tl.program_id(2)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -86,7 +86,7 @@ def _chunk_cumsum_bwd_kernel(
     stride_part_b, stride_part_c, stride_part_h,         # dA_part / ddt_bias_part [b, c, H]
     CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)        # int64 offsets: b * stride may pass 2^31
     pid_c = tl.program_id(1)
     pid_h = tl.program_id(2)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)

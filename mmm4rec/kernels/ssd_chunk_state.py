@@ -27,14 +27,13 @@ backward's cotangent of dA_cumsum[..., Q-1]) is folded in when given.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ._common import dot_precision, empty, same_layout
-from .ssd_ref import ssd_chunk_state_ref as chunk_state_ref  # noqa: F401  (the twin)
+from .ssd_ref import ssd_chunk_state_ref as chunk_state_ref  # the twin
 
-__all__ = ["chunk_state_fwd", "chunk_state_bwd", "chunk_state_ref"]
+__all__ = ["chunk_state_bwd", "chunk_state_fwd", "chunk_state_ref"]
 
 
 @triton.jit
@@ -51,7 +50,7 @@ def _chunk_state_fwd_kernel(
     pid_bc = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_p = tl.program_id(2)
-    pid_b = pid_bc // nchunks
+    pid_b = (pid_bc // nchunks).to(tl.int64)   # int64 offsets: b * stride may pass 2^31
     pid_c = pid_bc % nchunks
     pid_g = pid_h // nheads_per_group
     offs_q = tl.arange(0, CHUNK)
@@ -96,7 +95,7 @@ def _chunk_state_bwd_kernel(
 ):
     pid_bc = tl.program_id(0)
     pid_gs = tl.program_id(1)
-    pid_b = pid_bc // nchunks
+    pid_b = (pid_bc // nchunks).to(tl.int64)   # int64 offsets: b * stride may pass 2^31
     pid_c = pid_bc % nchunks
     splits_per_group = nheads_per_group // heads_per_split
     pid_g = pid_gs // splits_per_group

@@ -21,13 +21,13 @@ from ._common import UnsupportedShapeError, check_device, num_sms
 from .ssd_chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .ssd_chunk_scan import chunk_scan_bwd, chunk_scan_fwd
 from .ssd_chunk_state import block_s, chunk_state_bwd, chunk_state_fwd
-from .ssd_ref import ssd_chunked_ref  # noqa: F401  (the twin)
+from .ssd_ref import ssd_chunked_ref  # the twin
 from .ssd_state_passing import state_passing_bwd, state_passing_fwd
 
-__all__ = ["ssd_chunked_triton", "SSDChunkedFn", "kernel_chunk_size", "MAX_DSTATE"]
+__all__ = ["MAX_DSTATE", "SSDChunkedFn", "kernel_chunk_size", "ssd_chunked_ref", "ssd_chunked_triton"]
 
 MAX_DSTATE = 256
-_MIN_CHUNK, _MAX_CHUNK = 16, 128   # tl.dot needs >= 16; a chunk is one [Q, Q] register tile
+_MIN_CHUNK, _MAX_CHUNK = 16, 64    # tl.dot needs >= 16; the backward holds ~5 [Q, Q] fp32 tiles
 _MAX_TILE = 64 * 128               # Q * BLOCK_S elements per [Q, S] tile (register budget)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -37,8 +37,9 @@ def kernel_chunk_size(chunk_size: int, seqlen: int, dstate: int) -> int:
 
     The result does not depend on the chunk length (every chunking computes the same
     function), so the kernels are free to pick it: the largest power of two in
-    [16, 128] not above ``chunk_size``, shrunk to what ``seqlen`` needs (L=20 runs one
+    [16, 64] not above ``chunk_size``, shrunk to what ``seqlen`` needs (L=20 runs one
     32-chunk, not a 64-chunk that is 70% padding) and to the register budget for S.
+    (The stage kernels themselves take any power of two from 16 to 128.)
     """
     q = _MIN_CHUNK
     while q * 2 <= min(chunk_size, _MAX_CHUNK):
@@ -88,14 +89,21 @@ def _state_dtype(C: torch.Tensor) -> torch.dtype:
     return C.dtype if C.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
+def _prev_states(x, B, C, dt_hat, dA_cs):
+    """Stages 2-3: the state entering each chunk; None for a one-chunk sequence, which
+    carries nothing in (recommendation windows of L <= 64 skip both stages entirely)."""
+    if dt_hat.shape[2] == 1:
+        return None
+    states = chunk_state_fwd(x, B, dt_hat, dA_cs)
+    return state_passing_fwd(states, dA_cs, out_dtype=_state_dtype(C))
+
+
 class SSDChunkedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, chunk_size):
         Q = kernel_chunk_size(chunk_size, x.shape[1], B.shape[3])
         dt_hat, dA_cs = chunk_cumsum_fwd(dt, A, dt_bias, Q)
-        states = chunk_state_fwd(x, B, dt_hat, dA_cs)
-        prev = state_passing_fwd(states, dA_cs, out_dtype=_state_dtype(C))
-        del states
+        prev = _prev_states(x, B, C, dt_hat, dA_cs)
         y = chunk_scan_fwd(x, B, C, dt_hat, dA_cs, prev, D)
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, dt_hat, dA_cs)
         return y
@@ -106,16 +114,15 @@ class SSDChunkedFn(torch.autograd.Function):
         bsz, nheads, nchunks, _ = dt_hat.shape
         ngroups = B.shape[2]
         # recompute the states instead of keeping [b, c, H, P, S] alive between passes
-        states = chunk_state_fwd(x, B, dt_hat, dA_cs)
-        prev = state_passing_fwd(states, dA_cs, out_dtype=_state_dtype(C))
-        del states
+        prev = _prev_states(x, B, C, dt_hat, dA_cs)
         nsplit = _pick_nsplit(bsz, nchunks, ngroups, nheads // ngroups, x.device)
         dx, dB, dC, ddt_hat, ddA_cs, dprev, dD = chunk_scan_bwd(
             dy, x, B, C, dt_hat, dA_cs, prev, D, nsplit=nsplit)
-        dstates, ddA_end = state_passing_bwd(dprev, prev, dA_cs)
-        del dprev, prev
-        chunk_state_bwd(x, B, dt_hat, dA_cs, dstates, ddA_end, nsplit=nsplit,
-                        out=(dx, dB, ddt_hat, ddA_cs))
+        if prev is not None:
+            dstates, ddA_end = state_passing_bwd(dprev, prev, dA_cs)
+            del dprev, prev
+            chunk_state_bwd(x, B, dt_hat, dA_cs, dstates, ddA_end, nsplit=nsplit,
+                            out=(dx, dB, ddt_hat, ddA_cs))
         ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cs, ddt_hat, dt_hat, dt, A, dt_bias)
         dB = (dB[0] if nsplit == 1 else dB.sum(0)).to(B.dtype)
         dC = (dC[0] if nsplit == 1 else dC.sum(0)).to(C.dtype)

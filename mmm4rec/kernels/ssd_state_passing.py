@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from ._common import empty, same_layout
-from .ssd_ref import ssd_state_passing_ref as state_passing_ref  # noqa: F401  (the twin)
+from .ssd_ref import ssd_state_passing_ref as state_passing_ref  # the twin
 
-__all__ = ["state_passing_fwd", "state_passing_bwd", "state_passing_ref"]
+__all__ = ["state_passing_bwd", "state_passing_fwd", "state_passing_ref"]
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _state_passing_fwd_kernel(
     stride_out_b, stride_out_c, stride_out_h,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)        # int64 offsets: b * stride may pass 2^31
     pid_h = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -65,7 +65,7 @@ def _state_passing_bwd_kernel(
     stride_part_b, stride_part_h, stride_part_c, stride_part_m,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)        # int64 offsets: b * stride may pass 2^31
     pid_h = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs = pid_m * BLOCK + tl.arange(0, BLOCK)

@@ -18,13 +18,13 @@ Importing this module imports Triton: set ``TRITON_INTERPRET`` before, for CPU r
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Dict, Iterator
 from unittest import mock
 
 import torch
 
-from . import fourier_fused
+from . import fourier_fused, ssd_combined
 from ._common import poison_outputs
 from .fourier_fused import dft_matrices, fourier_filter_triton
 from .fourier_ref import fourier_filter_ref
@@ -32,15 +32,33 @@ from .ssd_chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .ssd_chunk_scan import chunk_scan_bwd, chunk_scan_fwd
 from .ssd_chunk_state import chunk_state_bwd, chunk_state_fwd
 from .ssd_combined import ssd_chunked_triton
-from .ssd_ref import (_chunk, _expand_groups, ssd_chunk_cumsum_ref, ssd_chunk_scan_ref,
-                      ssd_chunk_state_ref, ssd_quadratic_ref, ssd_state_passing_ref)
+from .ssd_ref import (
+    _chunk,
+    _expand_groups,
+    ssd_chunk_cumsum_ref,
+    ssd_chunk_scan_ref,
+    ssd_chunk_state_ref,
+    ssd_quadratic_ref,
+    ssd_state_passing_ref,
+)
 from .ssd_state_passing import state_passing_bwd, state_passing_fwd
 
-__all__ = ["SSDShape", "rel_err", "sum_err", "check_chunk_cumsum", "check_chunk_state",
-           "check_state_passing", "check_chunk_scan", "check_ssd", "check_dft_matrices",
-           "check_fourier", "ssd_inputs", "fourier_inputs"]
+__all__ = [
+    "SSDShape",
+    "check_chunk_cumsum",
+    "check_chunk_scan",
+    "check_chunk_state",
+    "check_dft_matrices",
+    "check_fourier",
+    "check_ssd",
+    "check_state_passing",
+    "fourier_inputs",
+    "rel_err",
+    "ssd_inputs",
+    "sum_err",
+]
 
-Errors = Dict[str, float]
+Errors = dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -205,16 +223,23 @@ def check_state_passing(shape: SSDShape, Q: int, seed: int, device) -> Errors:
             "ddA_chunk_end": rel_err(ddA_end, g_dA[..., -1])}
 
 
-def check_chunk_scan(shape: SSDShape, Q: int, seed: int, device, nsplit: int = 1) -> Errors:
+def check_chunk_scan(shape: SSDShape, Q: int, seed: int, device, nsplit: int = 1,
+                     with_prev: bool = True) -> Errors:
+    """``with_prev=False``: the kernels' no-carried-state path, against prev_states = 0."""
     x, B, C, D, dt_hat, dA_cs = _stage_inputs(shape, Q, seed, device)
     nchunks = dt_hat.shape[2]
     g = _gen(seed + 1)
     prev = _randn(g, shape.b, nchunks, shape.H, shape.P, shape.S, device=device)
+    if not with_prev:
+        prev.zero_()
     dy = _randn(g, shape.b, shape.L, shape.H, shape.P, device=device)
     with poison_outputs():
-        y = chunk_scan_fwd(x, B, C, dt_hat, dA_cs, prev, D)
+        y = chunk_scan_fwd(x, B, C, dt_hat, dA_cs, prev if with_prev else None, D)
         dx, dB, dC, ddt_hat, ddA_cs, dprev, dD = chunk_scan_bwd(
-            dy, x, B, C, dt_hat, dA_cs, prev, D, nsplit=nsplit)
+            dy, x, B, C, dt_hat, dA_cs, prev if with_prev else None, D, nsplit=nsplit)
+    if not with_prev:
+        assert dprev is None
+        dprev = torch.zeros_like(prev)      # not compared: prev_states is not an input here
     _finite(y=y, dx=dx, dB=dB, dC=dC, ddt_hat=ddt_hat, ddA_cs=ddA_cs, dprev=dprev, dD=dD)
     ins = [_leaf64(t) for t in (x, B, C, dt_hat, dA_cs, prev, D)]
     H = shape.H
@@ -223,7 +248,7 @@ def check_chunk_scan(shape: SSDShape, Q: int, seed: int, device, nsplit: int = 1
     r_y = r_y.reshape(shape.b, nchunks * Q, H, shape.P)[:, :shape.L]
     grads = torch.autograd.grad(r_y, ins, dy.double())
     outs = (dx, dB.sum(0), dC.sum(0), ddt_hat, ddA_cs, dprev, dD)
-    names = ("dx", "dB", "dC", "ddt_hat", "ddA_cumsum", "dprev_states")
+    names = ("dx", "dB", "dC", "ddt_hat", "ddA_cumsum", "dprev_states")[:6 if with_prev else 5]
     errs = {"y": rel_err(y, r_y)}
     errs.update({n: rel_err(o, r) for n, o, r in zip(names, outs, grads)})
     dD_terms = (dy.double() * x.double() * _unchunk(dt_hat, shape.L)[..., None]).sum(-1)
@@ -235,12 +260,14 @@ def check_chunk_scan(shape: SSDShape, Q: int, seed: int, device, nsplit: int = 1
 
 # ------------------------------------------------------------------------------ combined
 def check_ssd(shape: SSDShape, chunk_size: int, seed: int, device, dtype=torch.float32,
-              strided=False) -> Errors:
-    """ssd_chunked_triton vs the quadratic (dual) form in float64: y and all 7 gradients."""
+              strided=False, nsplit=None) -> Errors:
+    """ssd_chunked_triton vs the quadratic (dual) form in float64: y and all 7 gradients.
+
+    ``nsplit`` forces the backward's head split (default: the device heuristic)."""
     ins = list(ssd_inputs(shape, seed, device, dtype, strided))
     leaves = [t.detach().requires_grad_(True) for t in ins]     # detach keeps the strides
     dy = _randn(_gen(seed + 1), shape.b, shape.L, shape.H, shape.P, device=device).to(dtype)
-    with poison_outputs():
+    with poison_outputs(), _patched(ssd_combined, "_pick_nsplit", nsplit):
         y = ssd_chunked_triton(*leaves, chunk_size=chunk_size)
         grads = torch.autograd.grad(y, leaves, dy)
     names = ("dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias")
@@ -304,11 +331,12 @@ def fourier_inputs(b: int, H: int, L: int, seed: int, device, dtype=torch.float3
 
 
 @contextlib.contextmanager
-def _wgrad_split(split) -> Iterator[None]:
-    if split is None:
+def _patched(module, heuristic: str, value) -> Iterator[None]:
+    """Force a launch heuristic of ``module`` to return ``value`` (None: leave it)."""
+    if value is None:
         yield
         return
-    with mock.patch.object(fourier_fused, "_pick_wgrad_split", lambda *a: split):
+    with mock.patch.object(module, heuristic, lambda *a: value):
         yield
 
 
@@ -318,7 +346,7 @@ def check_fourier(b: int, H: int, L: int, seed: int, device, dtype=torch.float32
     flat = [d_t, d_v, *(t for cl in cls for t in cl)]
     leaves = [t.detach().requires_grad_(True) for t in flat]
     g_out = _randn(_gen(seed + 1), b, H, L, device=device).to(dtype)
-    with poison_outputs(), _wgrad_split(wgrad_split):
+    with poison_outputs(), _patched(fourier_fused, "_pick_wgrad_split", wgrad_split):
         y = fourier_filter_triton(leaves[0], leaves[1], leaves[2:6], leaves[6:10], leaves[10:14])
         grads = torch.autograd.grad(y, leaves, g_out)
     names = ["dd_t", "dd_v"] + [f"d{w}_{c}" for c in "abc" for w in ("W_r", "b_r", "W_i", "b_i")]

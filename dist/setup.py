@@ -1,0 +1,161 @@
+"""Building a run: preflight checks, data, model config, item tables, dense engine.
+
+``preflight`` needs no processes (it runs before the process group exists, so a bad
+config fails in seconds); ``build`` is collective (every rank calls it) and returns
+the parts the loop needs. Tests and tools build the same stack through it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from mmm4rec.config import ConfigError
+
+from .config import ExperimentConfig, finalize_deepspeed_config, load_deepspeed_config, resolve_model_config
+
+__all__ = ["preflight", "build", "Parts", "read_export_header", "check_export_compatible", "resolve_data_url"]
+
+# ---------------------------------------------------------------------- init_from
+def read_export_header(path: str) -> dict:
+    """``config.json`` of an export; clear errors for a missing/foreign directory."""
+    p = Path(path)
+    for f in ("config.json", "model.safetensors"):
+        if not (p / f).is_file():
+            raise ConfigError(f"train.init_from: {p} is not an export (missing {f}; an export is "
+                              f"OUTPUT_DIR/export of a run, or the output of 'mmm4rec export')")
+    try:
+        head = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.init_from: {p}/config.json is not valid JSON: {e}") from None
+    if not isinstance(head, dict) or "model_type" not in head or "config" not in head:
+        raise ConfigError(f"train.init_from: {p}/config.json has no model_type/config")
+    return head
+
+
+def check_export_compatible(path: str, model_type: str, dense: torch.nn.Module) -> tuple[dict, list[str]]:
+    """Load an export's weights for ``dense``: ``(state, notes)``; raises ConfigError
+    listing every missing, unexpected or differently shaped tensor."""
+    from safetensors import safe_open
+
+    head = read_export_header(path)
+    if head["model_type"] != model_type:
+        raise ConfigError(f"train.init_from: {path} holds a {head['model_type']} model, the config builds "
+                          f"{model_type}")
+    own = dense.state_dict()
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        problems = [f"  {k}: export {shapes[k]} vs model {tuple(own[k].shape)}"
+                    for k in shapes if k in own and tuple(own[k].shape) != shapes[k]]
+        problems += [f"  {k}: missing in the export" for k in own if k not in shapes]
+        problems += [f"  {k}: not in the model" for k in shapes if k not in own]
+        if problems:
+            raise ConfigError(f"train.init_from: {path} is incompatible with the model config:\n"
+                              + "\n".join(problems))
+        state = {k: fh.get_tensor(k) for k in shapes}
+    notes = []
+    mine = dataclasses.asdict(dense.cfg) if hasattr(dense, "cfg") and dataclasses.is_dataclass(dense.cfg) else {}
+    for k, v in head["config"].items():
+        if k in mine and mine[k] != v and k not in ("num_items",):
+            notes.append(f"{k}: export {v!r}, this run {mine[k]!r}")
+    return state, notes
+
+
+# ---------------------------------------------------------------------- data
+def resolve_data_url(cfg: ExperimentConfig, env) -> str:
+    """``data.url``, or the bundled sample's shards (built once, by rank 0)."""
+    if cfg.data.url:
+        return cfg.data.url
+    from data_shards import ensure_sample_shards
+
+    out = cfg.data.resolved_sample_dir()
+    url = None
+    if env.is_main:
+        url = ensure_sample_shards(cfg.data.sample, out, progress=False)
+    env.barrier()
+    return url if env.is_main else ensure_sample_shards(cfg.data.sample, out, progress=False)
+
+
+# ---------------------------------------------------------------------- building
+def preflight(cfg: ExperimentConfig, config_file: str | None) -> dict:
+    """Checks that need no processes; returns the experiment's DeepSpeed JSON."""
+    _, ds_json = load_deepspeed_config(cfg, config_file)
+    if cfg.train.init_from:
+        read_export_header(cfg.train.init_from)
+    if cfg.tables.optimizer == "adam" and not torch.cuda.is_available():
+        raise ConfigError("tables.optimizer: adam runs only on GPU (fbgemm's CPU kernels implement adagrad, "
+                          "rowwise_adagrad and sgd); choose one of those on CPU")
+    return ds_json
+
+
+@dataclasses.dataclass
+class Parts:
+    cfg: ExperimentConfig        # resolved: data.url set, model fields from the data
+    env: object
+    url: str
+    manifest: dict
+    model_type: str
+    model_cfg: object
+    model: object                # DistRecModel
+    loaders: dict
+    steps_per_epoch: int
+    total_steps: int
+    ds_config: dict
+    precision: str
+    notes: list
+
+
+def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> Parts:
+    """Data, model config, ``init_from`` weights, torchrec tables, DeepSpeed engine."""
+    from data_shards import SequenceLoader, load_item_table, read_manifest
+
+    from .engine import build_engine, resolve_precision
+    from .env import seed_everything
+    from .model import DistRecModel, build_dense
+    from .tables import ShardedItemTables
+
+    precision = resolve_precision(cfg.train.precision, env.device)
+    url = resolve_data_url(cfg, env)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, url=url, sample=None))
+    storage = cfg.data.storage.to_options()
+    manifest = read_manifest(url, storage)
+    model_type, model_cfg = resolve_model_config(cfg, manifest)
+    cfg = dataclasses.replace(cfg, model={"type": model_type, **dataclasses.asdict(model_cfg)})
+
+    seed_everything(cfg.train.seed, rank=0)          # identical dense init on every rank
+    dense, specs = build_dense(model_type, model_cfg)
+    notes: list[str] = []
+    if cfg.train.init_from and load_init:
+        state, notes = check_export_compatible(cfg.train.init_from, model_type, dense)
+        dense.load_state_dict(state)
+
+    loaders = {
+        "train": SequenceLoader(cfg.data, "train", rank=env.rank, world_size=env.world_size),
+        "valid": SequenceLoader(cfg.data, "valid", rank=env.rank, world_size=env.world_size, shuffle=False),
+        "test": SequenceLoader(cfg.data, "test", rank=env.rank, world_size=env.world_size, shuffle=False),
+    }
+    gas = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(loaders["train"]) // gas
+    if cfg.train.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.batch_size: {len(loaders['train'])} micro-batches per epoch per rank are fewer "
+                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed)
+    feature_names = [s.name for s in specs if s.kind == "feature"]
+    if feature_names:
+        from mmm4rec.models.base import item_table_features
+
+        tables.load_features(item_table_features(load_item_table(url, storage), feature_names))
+    ds_config = finalize_deepspeed_config(ds_json, cfg, env.world_size)
+    engine = build_engine(dense, cfg, ds_config, total_steps)
+    seed_everything(cfg.train.seed, rank=env.rank)   # per-rank dropout streams
+    model = DistRecModel(model_type, model_cfg, tables, engine, env, precision)
+    return Parts(cfg, env, url, manifest, model_type, model_cfg, model, loaders, steps_per_epoch, total_steps,
+                 ds_config, precision, notes)

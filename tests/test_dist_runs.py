@@ -1,0 +1,343 @@
+"""Real multi-process runs of dist/train.py on CPU (gloo), through the launchers.
+
+One shared set of launches (module-scoped fixtures), several checks per launch:
+
+    pretrain     2 procs, deepspeed launcher, ZeRO 2, office, in-batch CE
+    scratch      2 procs, deepspeed launcher, ZeRO 3, scientific_mm, full CE, ID term,
+                 a checkpoint every 3 steps (the reference of the kill/resume test)
+    transfer     2 procs, deepspeed launcher, ZeRO 1, the same as scratch but from the
+                 pretrain export
+    killed       scratch's config, SIGKILLed (whole process group) after step 6 ...
+    resumed      ... then resumed with --resume under torchrun
+    equivalence  this file as a worker: 1 process and 2 processes over the same global
+                 batches (dropout 0), losses / weights / distributed evaluation compared
+
+Run with ``pytest -m slow tests/test_dist_runs.py`` (about 4-5 minutes on 2 cores, plus
+the one-time sample-shard and DeepSpeed shm builds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PT = str(REPO / "configs" / "tiny_pretrain.yaml")
+TINY_FT = str(REPO / "configs" / "tiny_finetune.yaml")
+FT_SETTINGS = ["model.use_id=true", "checkpoint.every_steps=3", "train.epochs=2", "train.steps_per_epoch=8",
+               "eval.patience=0"]
+LAUNCH_TIMEOUT = 300
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    from dist.cli import launcher_env
+
+    env = launcher_env(2)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _sets(overrides) -> list[str]:
+    return [a for ov in overrides for a in ("--set", ov)]
+
+
+def launch(out: Path, config: str, overrides=(), nproc: int = 2, launcher: str = "deepspeed",
+           resume: bool = False, log_name: str = "launch.log", wait: bool = True):
+    """Run dist/train.py; returns (returncode, log text) or the Popen when not waiting."""
+    from dist.cli import launcher_command
+
+    args = ["--config", config, "--output-dir", str(out), *_sets(overrides)] + (["--resume"] if resume else [])
+    cmd = launcher_command(nproc, args, launcher if nproc > 1 else "none", master_port=_free_port())
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / log_name, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if not wait:
+        return proc
+    try:
+        rc = proc.wait(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = -9
+    log.close()
+    return rc, (out / log_name).read_text()
+
+
+def _ok(result, what: str) -> None:
+    rc, text = result
+    assert rc == 0, f"{what} failed (rc {rc}):\n{text[-6000:]}"
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def sample_shards():
+    """The bundled samples' shards, built once (shared with the quickstart's cache)."""
+    from data_shards import ensure_sample_shards
+    from dist.config import default_cache_dir
+
+    out = default_cache_dir() / "samples"
+    return {n: ensure_sample_shards(n, out, progress=False) for n in ("office", "scientific_mm")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sample_shards):
+    root = tmp_path_factory.mktemp("dist_runs")
+    r = {k: root / k for k in ("pretrain", "scratch", "transfer", "killed")}
+    _ok(launch(r["pretrain"], TINY_PT, ["train.steps_per_epoch=15"]), "pretrain (ZeRO 2)")
+    _ok(launch(r["scratch"], TINY_FT, [*FT_SETTINGS, "train.deepspeed=zero3"]), "scratch fine-tune (ZeRO 3)")
+    _ok(launch(r["transfer"], TINY_FT, [*FT_SETTINGS, "train.deepspeed=zero1",
+                                        f"train.init_from={r['pretrain'] / 'export'}"]), "transfer (ZeRO 1)")
+    return r
+
+
+# ---------------------------------------------------------------------- checks
+@pytest.mark.parametrize("name,stage", [("pretrain", 2), ("scratch", 3), ("transfer", 1)])
+def test_run_outputs_and_distributed_eval_equals_single_process(runs, name, stage):
+    """Each ZeRO stage trains, evaluates, checkpoints and exports; the test metrics the
+    2-process run computed equal a one-process evaluation of its best checkpoint."""
+    from dist.config import load_experiment
+    from dist.evaluate_cmd import evaluate_path
+    from mmm4rec.models import MMM4Rec
+
+    run = runs[name]
+    m = _metrics(run)
+    assert m["zero_stage"] == stage and m["world_size"] == 2 and m["device"] == "cpu"
+    assert m["best_epoch"] >= 1 and m["test"]["count"] > 0
+    assert set(m["timings"]) >= {"total_seconds", "train_seconds", "eval_seconds", "samples_per_second"}
+    for f in ("config.yaml", "deepspeed.json", "logs/steps.csv", "logs/epochs.csv", "export/model.safetensors",
+              "export/config.json", "checkpoints/latest"):
+        assert (run / f).is_file(), f
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    load_experiment(run / "config.yaml")            # the resolved config is a valid experiment
+    MMM4Rec.from_pretrained(run / "export")
+    single = evaluate_path(str(run), None, "test")   # best checkpoint, plain model, one process
+    for k, v in m["test"].items():
+        assert single[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_export_then_from_pretrained_gives_identical_scores(runs, tmp_path):
+    """`mmm4rec export` (any stage) == the run's export, and from_pretrained scores like
+    the trained model (no ID term in the pretrain model, so the export is all of it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from data_shards import SequenceLoader, load_item_table
+    from dist.checkpoint import CheckpointDir
+    from dist.export import model_from_checkpoint
+    from mmm4rec.cli import main as mmm4rec_main
+    from mmm4rec.models import MMM4Rec
+
+    for name in ("pretrain", "scratch"):        # ZeRO 2 and ZeRO 3 checkpoints
+        out = tmp_path / f"export-{name}"
+        assert mmm4rec_main(["export", str(runs[name]), str(out)]) == 0
+        a, b = load_file(out / "model.safetensors"), load_file(runs[name] / "export" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert json.loads((out / "config.json").read_text()) == json.loads((runs[name] / "export/config.json").read_text())
+
+    run = runs["pretrain"]
+    table = load_item_table(table_url(run))
+    trained = model_from_checkpoint(CheckpointDir.resolve(run), table).eval()
+    exported = MMM4Rec.from_pretrained(run / "export").eval()
+    exported.set_item_table(table)
+    batch = next(iter(SequenceLoader(table_url(run), "test", batch_size=64, shuffle=False, num_workers=0)))
+    with torch.no_grad():
+        assert torch.equal(trained.full_sort_predict(batch), exported.full_sort_predict(batch))
+
+
+def table_url(run: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["data"]["url"]
+
+
+def test_finetune_from_export_starts_from_its_weights(runs):
+    """The transfer run's first evaluation beats the same run from scratch, and the export
+    itself (zero fine-tuning steps) beats a random initialisation on the target data."""
+    from dist.evaluate_cmd import evaluate_path
+
+    first = {k: _metrics(runs[k])["history"][0] for k in ("scratch", "transfer")}
+    assert first["transfer"]["valid/ndcg@10"] > first["scratch"]["valid/ndcg@10"], first
+    log = (runs["transfer"] / "launch.log").read_text()
+    assert "initialised the dense weights from" in log
+
+    cfg = str(runs["transfer"] / "config.yaml")
+    pre = evaluate_path(str(runs["pretrain"] / "export"), cfg, "valid", ["model.use_id=false"])
+    rnd = _random_export(runs["transfer"].parent / "random-export")
+    base = evaluate_path(str(rnd), cfg, "valid", ["model.use_id=false"])
+    assert pre["ndcg@10"] > base["ndcg@10"], (pre, base)
+
+
+def _random_export(out: Path) -> Path:
+    import torch
+
+    from mmm4rec.config import from_dict
+    from mmm4rec.models import MMM4Rec
+
+    head = json.loads((Path(out).parent / "pretrain" / "export" / "config.json").read_text())
+    torch.manual_seed(0)
+    MMM4Rec(from_dict(MMM4Rec.config_cls, head["config"])).save_pretrained(out)
+    return out
+
+
+def test_kill_and_resume_is_exact(runs):
+    """SIGKILL a real 2-process run after step 6, resume it (under torchrun): the final
+    weights (dense + ID tables + their optimizer state) and the metrics equal the
+    uninterrupted run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = runs["killed"]
+    proc = launch(out, TINY_FT, [*FT_SETTINGS, "train.deepspeed=zero3"], wait=False)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + LAUNCH_TIMEOUT
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step_00000006":
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + (out / "launch.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = latest.read_text().strip()
+    assert killed_at < "step_00000016"
+    _ok(launch(out, TINY_FT, [*FT_SETTINGS, "train.deepspeed=zero3"], launcher="torchrun", resume=True,
+               log_name="resume.log"), "resume")
+    assert f"resumed from {out / 'checkpoints' / killed_at}" in (out / "resume.log").read_text()
+
+    ref, got = runs["scratch"], out
+    a, b = load_file(ref / "export/model.safetensors"), load_file(got / "export/model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    last = "checkpoints/step_00000016/ranks"
+    for r in (0, 1):
+        x = load_file(ref / last / f"rank_0000{r}.safetensors")
+        y = load_file(got / last / f"rank_0000{r}.safetensors")
+        for k in x:
+            if not k.startswith("rng"):
+                assert torch.allclose(x[k], y[k], atol=1e-6, rtol=0), k
+    ma, mb = _metrics(ref), _metrics(got)
+    assert ma["history"] == mb["history"]
+    assert ma["test"] == mb["test"] and ma["best_epoch"] == mb["best_epoch"]
+
+
+def test_bad_init_from_fails_before_training(runs, tmp_path):
+    """An export whose shapes do not fit the model config: exit 2, every mismatch listed,
+    nothing trained (one process)."""
+    out = tmp_path / "mismatch"
+    rc, text = launch(out, TINY_FT, ["model.hidden_size=64", "model.inner_size=128",
+                                     f"train.init_from={runs['pretrain'] / 'export'}"], nproc=1)
+    assert rc == 2, text[-3000:]
+    assert "is incompatible with the model config" in text
+    assert "adapter.text.weight: export (32, 384) vs model (64, 384)" in text
+    assert not (out / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------- 1 vs 2 processes
+GLOBAL_BATCH, EQ_STEPS = 64, 4
+EQ_OVERRIDES = ["model.dropout_prob=0.0", "model.embedding_drop_prob=0.0", "model.time_dropout_prob=0.0",
+                "model.use_id=true", "train.deepspeed=zero2", f"data.batch_size={GLOBAL_BATCH}",
+                # SGD everywhere: any error in how gradients are scaled or reduced shows in the weights
+                # (Adam-type updates hide scale errors and amplify summation-order noise of ~0 gradients)
+                "train.optimizer.name=sgd", "train.optimizer.lr=0.5", "train.optimizer.momentum=0.9",
+                "train.optimizer.weight_decay=0.001", "tables.optimizer=sgd", "tables.lr=2.0"]
+
+
+def _equivalence_worker(out: str) -> None:
+    """Train EQ_STEPS steps on the same global batches (each rank takes its slice of
+    rows), then evaluate on valid; rank 0 writes losses, metrics and the weights."""
+    sys.path.insert(0, str(REPO))
+    from dist.env import prepare_process_env
+
+    prepare_process_env()
+    import torch
+    import torch.distributed as tdist
+    from safetensors.torch import save_file
+
+    from data_shards import SequenceLoader
+    from dist.config import load_experiment
+    from dist.env import init_distributed
+    from dist.evaluation import evaluate
+    from dist.setup import build, preflight
+
+    cfg = load_experiment(TINY_FT, EQ_OVERRIDES)
+    ds = preflight(cfg, TINY_FT)
+    env = init_distributed()
+    parts = build(cfg, env, ds)
+    model = parts.model
+    per_rank = GLOBAL_BATCH // env.world_size
+    loader = SequenceLoader(parts.cfg.data, "train", batch_size=GLOBAL_BATCH, rank=0, world_size=1,
+                            shuffle=False, num_workers=0)
+    losses = []
+    for _, batch in zip(range(EQ_STEPS), loader, strict=False):
+        rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
+        mine = model.to_device({k: v[rows] for k, v in batch.items()})
+        loss, loss_sum, w = model.train_loss(mine, "full")
+        model.backward(loss)
+        model.step()
+        tot = env.all_reduce_sum(torch.stack([loss_sum.double(), w.double()]))
+        losses.append(float(tot[0] / tot[1]))
+    metrics = evaluate(model, parts.loaders["valid"], ks=(10, 20, 50))
+    dense = {k: v.detach().clone() for k, v in model.engine.module.state_dict().items()}
+    table = {}
+    if model.tables.has_trainable:
+        table = {lo: w.detach().clone() for lo, w in model.tables.local_shards("trainable")}
+    tables = env.all_gather_object(table)
+    if env.rank == 0:
+        rows = [t for part in tables for _, t in sorted(part.items())]
+        full = {"table": torch.cat(rows)} if rows else {}
+        save_file({**{f"dense.{k}": v for k, v in dense.items()}, **full}, f"{out}.safetensors")
+        Path(f"{out}.json").write_text(json.dumps({"losses": losses, "valid": metrics}))
+    tdist.barrier()
+
+
+def test_same_global_batch_on_one_and_two_processes(sample_shards, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from dist.cli import launcher_command
+
+    env = _env()
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"eq{n}"
+        cmd = [sys.executable, __file__] if n == 1 else launcher_command(2, [], "deepspeed", _free_port())[:-1] + [
+            __file__]
+        proc = subprocess.run(cmd + ["--equivalence-worker", str(out)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=LAUNCH_TIMEOUT)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        results[n] = (json.loads(Path(f"{out}.json").read_text()), load_file(f"{out}.safetensors"))
+    (one, w1), (two, w2) = results[1], results[2]
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5, abs=1e-6)
+    assert not torch.equal(w1["table"], torch.zeros_like(w1["table"]))     # the ID rows did train
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), (k, (w1[k] - w2[k]).abs().max())
+    for k, v in one["valid"].items():                     # distributed evaluation == one process
+        assert two["valid"][k] == pytest.approx(v, abs=1e-6), k
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--equivalence-worker", required=True)
+    ap.add_argument("--local_rank", type=int, default=None)
+    a = ap.parse_args()
+    _equivalence_worker(a.equivalence_worker)
