@@ -83,9 +83,12 @@ class Store:
 
     def write(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
-        if self.is_local:
-            self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
-        self.fs.pipe_file(p, data)
+        try:
+            if self.is_local:
+                self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
+            self.fs.pipe_file(p, data)
+        except OSError as e:  # e.g. a missing bucket, no permission, a full disk
+            raise ShardError(self.display(rel), f"cannot write: {e}") from e
 
     def __getstate__(self):  # never pickle a live filesystem into a worker
         state = dict(self.__dict__)

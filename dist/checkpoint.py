@@ -241,11 +241,16 @@ class CheckpointStore:
         env.barrier()
 
     def _upload(self, staged: Path, tag: str) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        local = isinstance(self.fs, LocalFileSystem)   # file:// URLs: object stores need no directories
         for dirpath, _, files in os.walk(staged):
             for f in files:
                 src = Path(dirpath) / f
-                rel = src.relative_to(staged).as_posix()
-                self.fs.put_file(str(src), self._rpath(tag, rel))
+                dst = self._rpath(tag, src.relative_to(staged).as_posix())
+                if local:
+                    self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(src), dst)
 
     def _retain(self, newest: str, protect: tuple[str, ...]) -> None:
         tags = [t for t in self.tags() if t != newest]

@@ -57,10 +57,12 @@ class DataSection(ShardsConfig):
     ``<repo>/.cache/samples``) and uses them; a given ``url`` always wins.
     """
 
-    sample: Optional[Literal["office", "scientific_mm"]] = None
+    sample: Optional[str] = None
     sample_dir: str = ""
 
     def validate(self) -> None:
+        if self.sample is not None and self.sample not in SAMPLE_NAMES:
+            raise ConfigError(f"sample: must be one of {list(SAMPLE_NAMES)} (the bundled samples), got {self.sample!r}")
         if self.url and self.sample:
             raise ConfigError(f"sample: give either url ({self.url}) or sample ({self.sample}), not both")
         if not self.url and not self.sample:

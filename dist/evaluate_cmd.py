@@ -57,8 +57,7 @@ def evaluate_path(path: str, config: str | None, split: str = "test", overrides:
     from mmm4rec.evaluate import evaluate
 
     from .config import load_experiment
-    from .env import prepare_process_env
-    from .trainer import resolve_data_url
+    from .setup import resolve_data_url
 
     p = Path(path)
     if config is None:
@@ -70,7 +69,6 @@ def evaluate_path(path: str, config: str | None, split: str = "test", overrides:
             raise ConfigError(f"{path}: give --config (the experiment YAML naming the data to evaluate on)")
         config = str(ck_cfg)
     cfg = load_experiment(config, overrides or [])
-    prepare_process_env()
 
     class _Solo:   # a world of one for resolve_data_url
         is_main, rank, world_size = True, 0, 1

@@ -8,10 +8,12 @@ target rank is the number of items scored strictly higher, as in
 are all-reduced in float64, so the result equals the single-process evaluation of
 the same data up to float rounding of the scores.
 
-Catalogs larger than ``item_chunk_size`` are scored chunk by chunk (two passes: the
-target's score is read from the same matmul as the items it is compared with, so
-ties are decided exactly as in the one-matrix path); no ``[b, num_items]`` matrix is
-ever materialised then.
+Catalogs larger than ``item_chunk_size`` are scored chunk by chunk, never
+materialising a ``[b, num_items]`` matrix: pass 1 reads each target's score from its
+chunk's matmul, pass 2 recomputes the same matmuls and counts the items scored higher.
+Within a chunk this is the one-matrix computation; items in *different* chunks whose
+scores tie exactly may be ordered differently by the last bit (BLAS rounding depends
+on the matrix shape), which moves a rank by one only on exact cross-chunk ties.
 """
 from __future__ import annotations
 
@@ -46,13 +48,14 @@ def chunked_target_ranks(u: torch.Tensor, V: torch.Tensor, target: torch.Tensor,
         if not rank_padding:
             scores[:, 0] = float("-inf")
         return target_ranks(scores, target, history)
+    # pass 1: the target's score, from exactly the matmul pass 2 compares against
     tgt = torch.empty(u.shape[0], dtype=u.dtype, device=u.device)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         inside = (target >= lo) & (target < hi)
         if inside.any():
-            s = u[inside] @ V[lo:hi].T
-            tgt[inside] = s.gather(1, (target[inside] - lo)[:, None])[:, 0]
+            s = u @ V[lo:hi].T
+            tgt[inside] = s[inside].gather(1, (target[inside] - lo)[:, None])[:, 0]
     ranks = torch.zeros(u.shape[0], dtype=torch.int64, device=u.device)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)

@@ -100,3 +100,10 @@ def test_storage_config_maps_to_s3fs_options(s3_server):  # noqa: F811
         "endpoint_url": s3_server.endpoint_url, "key": "testing", "secret": "testing"}})
     assert cfg.storage.to_options() == s3_server.storage_options
     assert SequenceLoader(cfg, "valid").num_samples == 2928
+
+
+def test_writing_to_a_missing_bucket_names_it(s3_server):  # noqa: F811
+    data = import_dataset("lcrec", SAMPLES / "office")
+    with pytest.raises(ShardError, match=r"s3://no-such-bucket/x/sequences/seq-00000\.tar: cannot write: The "
+                                         r"specified bucket does not exist"):
+        build_shards(data, "s3://no-such-bucket/x", storage_options=s3_server.storage_options, progress=False)

@@ -171,32 +171,13 @@ def table_url(run: Path) -> str:
 
 
 def test_finetune_from_export_starts_from_its_weights(runs):
-    """The transfer run's first evaluation beats the same run from scratch, and the export
-    itself (zero fine-tuning steps) beats a random initialisation on the target data."""
-    from dist.evaluate_cmd import evaluate_path
-
+    """The transfer run (ZeRO 1, from the pretrain export) and the scratch run (ZeRO 3,
+    random dense init) are the same experiment otherwise: the transfer run's first
+    evaluation is better."""
     first = {k: _metrics(runs[k])["history"][0] for k in ("scratch", "transfer")}
     assert first["transfer"]["valid/ndcg@10"] > first["scratch"]["valid/ndcg@10"], first
-    log = (runs["transfer"] / "launch.log").read_text()
-    assert "initialised the dense weights from" in log
-
-    cfg = str(runs["transfer"] / "config.yaml")
-    pre = evaluate_path(str(runs["pretrain"] / "export"), cfg, "valid", ["model.use_id=false"])
-    rnd = _random_export(runs["transfer"].parent / "random-export")
-    base = evaluate_path(str(rnd), cfg, "valid", ["model.use_id=false"])
-    assert pre["ndcg@10"] > base["ndcg@10"], (pre, base)
-
-
-def _random_export(out: Path) -> Path:
-    import torch
-
-    from mmm4rec.config import from_dict
-    from mmm4rec.models import MMM4Rec
-
-    head = json.loads((Path(out).parent / "pretrain" / "export" / "config.json").read_text())
-    torch.manual_seed(0)
-    MMM4Rec(from_dict(MMM4Rec.config_cls, head["config"])).save_pretrained(out)
-    return out
+    assert first["transfer"]["valid/hr@10"] > first["scratch"]["valid/hr@10"], first
+    assert "initialised the dense weights from" in (runs["transfer"] / "launch.log").read_text()
 
 
 def test_kill_and_resume_is_exact(runs):

@@ -149,7 +149,8 @@ def test_kernel_chunk_size():
     assert kernel_chunk_size(256, 1000, 64) == 64   # register-tile cap of the backward
     assert kernel_chunk_size(48, 1000, 64) == 32    # largest power of two not above the request
     assert kernel_chunk_size(8, 1000, 64) == 16
-    assert kernel_chunk_size(64, 1000, 256) == 32   # [Q, S] tile budget
+    assert kernel_chunk_size(64, 1000, 128) == 32   # [Q, S] tile budget
+    assert kernel_chunk_size(64, 1000, 256) == 16
 
 
 # ------------------------------------------------------------------------ Fourier filter

@@ -58,9 +58,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 # workspace slots (fp32 [R, slots, F]); the weight-gradient kernel relies on CL i
 # pairing primal slots (2i, 2i+1) of WS with cotangent slots (2i, 2i+1) of WS2.
-_FV, _FT, _S, _KV, _KT, _O = 0, 2, 4, 6, 8, 10        # forward: real at n, imag at n + 1
+_FV, _FT, _S, _KV, _KT, _O = (tl.constexpr(i) for i in (0, 2, 4, 6, 8, 10))  # real n, imag n+1
 _WS_SLOTS = 12
-_DKV, _DKT, _DO, _DFV, _DFT = 0, 2, 4, 6, 8           # backward
+_DKV, _DKT, _DO, _DFV, _DFT = (tl.constexpr(i) for i in (0, 2, 4, 6, 8))       # backward
 _WS2_SLOTS = 10
 
 
@@ -408,7 +408,7 @@ class FourierFilterFn(torch.autograd.Function):
             d_t, d_v, dft, w, bias, ws, out,
             nrows, nheads, L, F,
             *d_t.stride(), *d_v.stride(), *out.stride(), ws.stride(0), ws.stride(1),
-            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PREC=prec, num_warps=4,
+            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PREC=prec, num_warps=8,
         )
         ctx.save_for_backward(w, ws)
         ctx.meta = (bsz, nheads, L, d_t.dtype, d_v.dtype, prec,
@@ -432,7 +432,7 @@ class FourierFilterFn(torch.autograd.Function):
             g, dft_matrices(L, dev), w, ws, ws2, ddt, ddv,
             nrows, nheads, L, F,
             *g.stride(), *ddt.stride(), ws.stride(0), ws.stride(1), ws2.stride(0), ws2.stride(1),
-            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PREC=prec, num_warps=4,
+            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PREC=prec, num_warps=8,
         )
         split = _pick_wgrad_split(nrows, F, dev)
         rows_per_split = triton.cdiv(triton.cdiv(nrows, split), _BLOCK_R) * _BLOCK_R

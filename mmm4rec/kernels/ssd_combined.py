@@ -28,7 +28,7 @@ __all__ = ["MAX_DSTATE", "SSDChunkedFn", "kernel_chunk_size", "ssd_chunked_ref",
 
 MAX_DSTATE = 256
 _MIN_CHUNK, _MAX_CHUNK = 16, 64    # tl.dot needs >= 16; the backward holds ~5 [Q, Q] fp32 tiles
-_MAX_TILE = 64 * 128               # Q * BLOCK_S elements per [Q, S] tile (register budget)
+_MAX_TILE = 64 * 64                # Q * BLOCK_S elements per [Q, S] tile (registers; A100 smem)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
