@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmm4rec.paths import text_cache_dir
+
 from .errors import ManifestError
 from .features import DEFAULT_TEXT_ENCODER, FeatureFile, TextEncoder
 from .importer import file_sha256, import_dataset
@@ -49,7 +51,8 @@ def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Pat
     Args:
         name: ``"office"`` or ``"scientific_mm"``.
         out_dir: the shards go to ``<out_dir>/<name>``.
-        cache_dir: text-vector cache (default ``<out_dir>/text-cache``); a rebuild reuses it.
+        cache_dir: text-vector cache (default ``mmm4rec.paths.text_cache_dir()``, shared by
+            every build on the machine); a rebuild reuses it.
         force: rebuild even if an up-to-date manifest exists.
 
     Returns:
@@ -68,7 +71,7 @@ def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Pat
             pass  # unreadable or foreign: rebuild
     src = SAMPLES_DIR / recipe["dir"]
     image = recipe["image"]
-    encoder = TextEncoder(DEFAULT_TEXT_ENCODER, cache_dir=cache_dir or Path(out_dir) / "text-cache",
+    encoder = TextEncoder(DEFAULT_TEXT_ENCODER, cache_dir=cache_dir or text_cache_dir(),
                           progress=progress)
     data = import_dataset(
         recipe["format"], src, name=recipe["name"], domain=name, k_core=recipe["k_core"], text_encoder=encoder,

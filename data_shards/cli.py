@@ -6,10 +6,8 @@ also runs on its own: ``python -m data_shards.cli data build --help``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["main", "register"]
 
@@ -32,7 +30,9 @@ AWS_SECRET_ACCESS_KEY. Several --format/--input pairs build one multi-domain mix
 
 
 def _default_cache() -> str:
-    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmm4rec" / "text-vectors")
+    from mmm4rec.paths import text_cache_dir
+
+    return str(text_cache_dir())
 
 
 def _feature_spec(spec: str):

@@ -1,0 +1,17 @@
+"""Distributed training of MMM4Rec: DeepSpeed ZeRO for the dense weights, torchrec for
+the item tables (docs/training.md, docs/checkpoints.md).
+
+    train.py       the entry point (thin): argument parsing, exit codes
+    config.py      the experiment config (typed sections, DeepSpeed JSON checks)
+    env.py         launcher environment, process group, seeds, RNG state
+    setup.py       preflight checks and building a run (data, model config, tables, engine)
+    tables.py      torchrec EmbeddingCollections: packing, sharding, fused optimizers
+    engine.py      torch optimizer, LR schedule, deepspeed.initialize, precision
+    model.py       the seam: table lookups -> dense engine -> loss
+    evaluation.py  distributed full-ranking evaluation
+    trainer.py     the loop: steps, evaluation, early stopping, checkpoints, export
+    checkpoint.py  atomic checkpoints on disk or fsspec URLs, safe loading
+    export.py      transferable weights of a checkpoint (any ZeRO stage)
+    monitor.py     tqdm, TensorBoard, CSV
+    cli.py         `mmm4rec train | export | evaluate` (evaluate_cmd.py)
+"""

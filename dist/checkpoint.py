@@ -38,8 +38,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -270,7 +271,7 @@ class CheckpointStore:
 
     # --- reading
     @contextlib.contextmanager
-    def open(self, tag: str) -> Iterator["CheckpointDir"]:
+    def open(self, tag: str) -> Iterator[CheckpointDir]:
         """A local, readable copy of checkpoint ``tag`` (downloaded for URLs)."""
         if not self.remote:
             path = self.root / tag
@@ -303,7 +304,7 @@ class CheckpointDir:
                                     f"directory such as OUTPUT_DIR/checkpoints/step_00000100)")
 
     @classmethod
-    def resolve(cls, path: str | os.PathLike) -> "CheckpointDir":
+    def resolve(cls, path: str | os.PathLike) -> CheckpointDir:
         """A checkpoint directory, or a run's checkpoints root / output dir (-> its best,
         else latest, checkpoint)."""
         p = Path(path)

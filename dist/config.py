@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from data_shards import ShardsConfig, StorageConfig
 from mmm4rec.config import ConfigError, from_dict, load_yaml, to_dict
@@ -57,7 +57,7 @@ class DataSection(ShardsConfig):
     ``<repo>/.cache/samples``) and uses them; a given ``url`` always wins.
     """
 
-    sample: Optional[str] = None
+    sample: str | None = None
     sample_dir: str = ""
 
     def validate(self) -> None:
@@ -145,7 +145,7 @@ class TrainConfig:
 
     loss: Literal["full", "inbatch"] = "full"          # full softmax (fine-tune) / in-batch (pretrain)
     mask_duplicates: bool = False                      # in-batch: mask repeats of the positive
-    loss_chunk_size: Optional[int] = None              # full softmax over item chunks (huge catalogs)
+    loss_chunk_size: int | None = None              # full softmax over item chunks (huge catalogs)
     epochs: int = 100
     max_steps: int = 0                                 # stop after this many optimizer steps (0: no limit)
     steps_per_epoch: int = 0                           # cap an epoch at this many steps (0: whole epoch)
@@ -154,7 +154,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     deepspeed: str = "zero2"                           # configs/deepspeed/<name>.json or a JSON path
     seed: int = 2020
-    init_from: Optional[str] = None                    # an export directory (fine-tuning)
+    init_from: str | None = None                    # an export directory (fine-tuning)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     log_every_steps: int = 10

@@ -64,7 +64,7 @@ class DistEnv:
     rank: int
     world_size: int
     local_rank: int
-    device: "torch.device"  # noqa: F821
+    device: torch.device  # noqa: F821
 
     @property
     def is_main(self) -> bool:

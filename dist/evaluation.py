@@ -17,7 +17,7 @@ on the matrix shape), which moves a rank by one only on exact cross-chunk ties.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -35,7 +35,9 @@ def dense_state_dict(ck: CheckpointDir) -> dict[str, torch.Tensor]:
                 raise FileNotFoundError(f"{ck.engine_dir}: no DeepSpeed model states")
             state = torch.load(files[0], map_location="cpu")["module"]
         else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils.zero_to_fp32 import (
+                get_fp32_state_dict_from_zero_checkpoint,
+            )
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(ck.path), tag=ENGINE_TAG)
     return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()

@@ -98,8 +98,8 @@ class DistRecModel:
         self.engine.backward(loss)
 
     def step(self) -> None:
-        """Dense optimizer step at accumulation boundaries (DeepSpeed decides), and the
-        tables' LR follows the dense schedule when configured."""
+        """DeepSpeed's step: the dense optimizer (and LR schedule) steps at accumulation
+        boundaries; the tables already stepped inside backward."""
         self.engine.step()
 
     def train(self) -> None:

@@ -14,7 +14,12 @@ import torch
 
 from mmm4rec.config import ConfigError
 
-from .config import ExperimentConfig, finalize_deepspeed_config, load_deepspeed_config, resolve_model_config
+from .config import (
+    ExperimentConfig,
+    finalize_deepspeed_config,
+    load_deepspeed_config,
+    resolve_model_config,
+)
 
 __all__ = ["preflight", "build", "Parts", "read_export_header", "check_export_compatible", "resolve_data_url"]
 

@@ -36,7 +36,7 @@ their offsets, so a checkpoint loads into any number of processes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -159,13 +159,16 @@ class ShardedItemTables:
 
     def __init__(self, specs: list[TableSpec], cfg: TablesConfig, env, seed: int):
         import torch.distributed as tdist
-        from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed import DistributedModelParallel, comm_ops
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+        from torchrec.distributed.planner import (
+            EmbeddingShardingPlanner,
+            ParameterConstraints,
+        )
         from torchrec.distributed.types import ShardingEnv, ShardingType
-        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-        from torchrec.distributed import comm_ops
+        from torchrec.optim.apply_optimizer_in_backward import (
+            apply_optimizer_in_backward,
+        )
 
         if not comm_ops.get_gradient_division():
             raise RuntimeError("torchrec gradient division is off (comm_ops.set_gradient_division(False)): table "
@@ -270,11 +273,11 @@ class ShardedItemTables:
     # ------------------------------------------------------------------ LR
     def set_lr(self, lr: float) -> None:
         """Set the fused optimizer's LR of the trainable table (applied from the next backward)."""
-        opt = self.dmp.fused_optimizer
-        for g in opt.param_groups:
-            if g.get("lr", 0.0) != 0.0 or lr == 0.0:
-                g["lr"] = lr
-        opt.step()   # torchrec's fused optimizers only push the LR into the kernels here
+        for key, opt in self.dmp.fused_optimizer.optimizers:
+            if key.endswith(f"collections.{_TABLE_NAMES[TRAINABLE]}"):
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.step()   # torchrec's fused optimizers only push the LR into the kernels here
 
     @property
     def has_trainable(self) -> bool:
@@ -303,7 +306,7 @@ class ShardedItemTables:
         return tensors, meta
 
     @torch.no_grad()
-    def load_state(self, reader: "ShardReader", load_optimizer: bool = True) -> None:
+    def load_state(self, reader: ShardReader, load_optimizer: bool = True) -> None:
         """Load rows (and optimizer state) saved by any number of processes."""
         want = [t.describe() for t in self.packed if t.kind == TRAINABLE]
         have = [p for p in reader.packed if p["kind"] == TRAINABLE]
@@ -366,7 +369,11 @@ class ShardReader:
 def _topology(env):
     import os
 
-    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    from torchrec.distributed.planner.types import (
+        KernelConfig,
+        TopologyFactory,
+        TrainerConfig,
+    )
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or env.world_size)
     return TopologyFactory.create_topology(

@@ -129,14 +129,14 @@ class Trainer:
         set_rng_state(rank_meta["rng"], rank_tensors)
         self.state.epoch_loss = list(rank_meta["epoch_loss"])        # per rank, not rank 0's
         self._log_loss = torch.tensor(rank_meta["log_loss"], dtype=torch.float64)
-        self._set_table_lr()
+        self.sync_table_lr()
 
     # ------------------------------------------------------------------ pieces
     def _lr_mult(self) -> float:
         base = self.cfg.train.optimizer.lr
         return float(self.model.engine.get_lr()[0]) / base if base else 1.0
 
-    def _set_table_lr(self) -> None:
+    def sync_table_lr(self) -> None:
         t = self.cfg.tables
         if self.model.tables.has_trainable and t.follow_schedule:
             self.model.tables.set_lr(t.lr * self._lr_mult())
@@ -192,7 +192,7 @@ class Trainer:
                 st.epoch_loss = epoch_loss.tolist()
                 st.step += 1
                 st.epoch_step += 1
-                self._set_table_lr()
+                self.sync_table_lr()
                 self.monitor.advance(1)
                 if st.step % cfg.train.log_every_steps == 0:
                     self._log_step(epoch)
@@ -235,76 +235,48 @@ class Trainer:
                                                                         f"{st.best_epoch})"))
         st.history.append({"epoch": epoch + 1, "step": st.step, **row})
         st.epoch, st.epoch_step = epoch + 1, 0
-        if improved or st.best_tag is None and (epoch + 1 == cfg.train.epochs or st.stopped_early):
+        if improved:   # (the last epoch is always evaluated, so a run always has a best)
             st.best_tag = tag_for_step(st.step)   # the checkpoint saved right below
         row.update({"train_seconds": round(st.train_seconds, 3), "eval_seconds": round(st.eval_seconds, 3)})
         self.monitor.epoch_scalars(st.step, epoch + 1, row)
         self.save()
 
 
-def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.PathLike, resume: bool) -> dict:
-    """The whole run on this process (all ranks call it). Returns ``metrics.json``'s dict."""
-    from .setup import build, preflight
-
-    t_start = time.time()
-    output_dir = Path(output_dir).resolve()
-    ds_json = preflight(cfg, config_file)        # 1. checks that need no processes
-    env = init_distributed()                    # 2. processes
-    ckpt_location = cfg.checkpoint.dir or str(output_dir / "checkpoints")
-    store = CheckpointStore(ckpt_location, env, keep_last=cfg.checkpoint.keep_last,
+def _open_store(cfg: ExperimentConfig, output_dir: Path, env, resume: bool) -> CheckpointStore:
+    location = cfg.checkpoint.dir or str(output_dir / "checkpoints")
+    store = CheckpointStore(location, env, keep_last=cfg.checkpoint.keep_last,
                             storage_options=cfg.checkpoint.storage.to_options())
-    resume_tag = store.latest() if resume else None
     if not resume and store.has_checkpoints():
-        raise ConfigError(f"--output-dir {output_dir}: {ckpt_location} already holds checkpoints; pass --resume to "
+        raise ConfigError(f"--output-dir {output_dir}: {location} already holds checkpoints; pass --resume to "
                           f"continue that run, or choose another output directory")
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    parts = build(cfg, env, ds_json, load_init=resume_tag is None)   # 3. data, tables, engine
-    cfg, model, loaders, ds_config = parts.cfg, parts.model, parts.loaders, parts.ds_config
-    steps_per_epoch, precision, manifest = parts.steps_per_epoch, parts.precision, parts.manifest
-    model_type, tables, gas, notes = parts.model_type, model.tables, cfg.train.gradient_accumulation_steps, parts.notes
-    engine = model.engine
-    meta = {"model_config": {"model_type": model_type, "config": dataclasses.asdict(parts.model_cfg)},
-            "zero_stage": zero_stage(ds_config)}
-    trainer = Trainer(cfg, model, loaders, store, None, output_dir, env, steps_per_epoch, meta)
-    if resume_tag is not None:
-        trainer.restore(resume_tag)
-    monitor = trainer.monitor = Monitor(output_dir, enabled=env.is_main,
-                                        resume_step=trainer.state.step if resume_tag is not None else None)
-    if env.is_main:
-        save_yaml(cfg, output_dir / "config.yaml")
-        (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
-    n_dense = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    monitor.log(f"{cfg.name}: {model_type} ({n_dense:,} dense weights), {manifest['num_items']:,} items, "
-                f"world {env.world_size} ({env.backend}, {env.device.type}), ZeRO {meta['zero_stage']}, {precision}; "
-                f"{steps_per_epoch} steps/epoch x {cfg.data.batch_size} x {gas} x {env.world_size}; "
-                f"tables {[(t.name, t.num_rows, t.dim) for t in tables.packed]} {cfg.tables.sharding}")
-    for n in notes:
+    return store
+
+
+def _announce(monitor: Monitor, parts, meta: dict, store: CheckpointStore, resume: bool, resumed_from,
+              state: TrainerState) -> None:
+    cfg, env, model = parts.cfg, parts.env, parts.model
+    n_dense = sum(getattr(p, "ds_numel", p.numel()) for p in model.engine.module.parameters())
+    monitor.log(f"{cfg.name}: {parts.model_type} ({n_dense:,} dense weights), {parts.manifest['num_items']:,} items, "
+                f"world {env.world_size} ({env.backend}, {env.device.type}), ZeRO {meta['zero_stage']}, "
+                f"{parts.precision}; {parts.steps_per_epoch} steps/epoch x {cfg.data.batch_size} x "
+                f"{cfg.train.gradient_accumulation_steps} x {env.world_size}; tables "
+                f"{[(t.name, t.num_rows, t.dim) for t in model.tables.packed]} {cfg.tables.sharding}")
+    for n in parts.notes:
         monitor.log(f"init_from {cfg.train.init_from}: config differs: {n}")
-    if resume_tag is not None:
-        monitor.log(f"resumed from {store.describe(resume_tag)}: epoch {trainer.state.epoch + 1}, "
-                    f"step {trainer.state.step}")
-    else:
-        if resume:
-            monitor.log(f"--resume: no checkpoint in {ckpt_location}; starting from scratch")
-        if cfg.train.init_from:
-            monitor.log(f"initialised the dense weights from {cfg.train.init_from}")
-    trainer._set_table_lr()
+    if resumed_from is not None:
+        monitor.log(f"resumed from {store.describe(resumed_from)}: epoch {state.epoch + 1}, step {state.step}")
+        return
+    if resume:
+        monitor.log(f"--resume: no checkpoint in {store.location}; starting from scratch")
+    if cfg.train.init_from:
+        monitor.log(f"initialised the dense weights from {cfg.train.init_from}")
 
-    t_fit = time.time()
-    trainer.fit()
-    fit_seconds = time.time() - t_fit
-    st = trainer.state
 
-    # --- 5. export + metrics
-    export_dir = output_dir / "export"
-    if env.is_main:
-        from .export import export_checkpoint
-
-        with store.open(st.best_tag) as ck:
-            export_checkpoint(ck, export_dir)
-    env.barrier()
-    metrics = {
+def _summary(parts, meta: dict, st: TrainerState, store: CheckpointStore, export_dir: Path, seconds: float,
+             fit_seconds: float) -> dict:
+    """``metrics.json``: the test metrics of the best checkpoint, where it is, timings."""
+    cfg, env = parts.cfg, parts.env
+    return {
         "name": cfg.name,
         "metric": cfg.eval.metric,
         "best_epoch": st.best_epoch,
@@ -318,25 +290,67 @@ def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.Pat
         "export": str(export_dir),
         "world_size": env.world_size,
         "zero_stage": meta["zero_stage"],
-        "precision": precision,
+        "precision": parts.precision,
         "device": env.device.type,
         "timings": {
-            "total_seconds": round(time.time() - t_start, 3),
-            "fit_seconds_this_process": round(fit_seconds, 3),
-            "train_seconds": round(st.train_seconds, 3),
+            "total_seconds": round(seconds, 3),                 # this process, start to end
+            "fit_seconds_this_process": round(fit_seconds, 3),  # the loop of this process (resumes: the rest)
+            "train_seconds": round(st.train_seconds, 3),        # whole run, over resumes
             "eval_seconds": round(st.eval_seconds, 3),
             "samples_per_second": round(st.samples / st.train_seconds, 2) if st.train_seconds else None,
             "steps_per_second": round(st.step / st.train_seconds, 3) if st.train_seconds else None,
         },
         "history": st.history,
     }
+
+
+def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.PathLike, resume: bool) -> dict:
+    """The whole run on this process (all ranks call it). Returns ``metrics.json``'s dict."""
+    from .export import export_checkpoint
+    from .setup import build, preflight
+
+    t_start = time.time()
+    output_dir = Path(output_dir).resolve()
+    ds_json = preflight(cfg, config_file)                       # 1. checks that need no processes
+    env = init_distributed()                                    # 2. processes, data, tables, engine
+    store = _open_store(cfg, output_dir, env, resume)
+    resume_tag = store.latest() if resume else None
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    parts = build(cfg, env, ds_json, load_init=resume_tag is None)
+    meta = {"model_config": {"model_type": parts.model_type, "config": dataclasses.asdict(parts.model_cfg)},
+            "zero_stage": zero_stage(parts.ds_config)}
+    trainer = Trainer(parts.cfg, parts.model, parts.loaders, store, None, output_dir, env, parts.steps_per_epoch,
+                      meta)
+    if resume_tag is not None:
+        trainer.restore(resume_tag)
+    monitor = trainer.monitor = Monitor(output_dir, enabled=env.is_main,
+                                        resume_step=trainer.state.step if resume_tag is not None else None)
+    if env.is_main:
+        save_yaml(parts.cfg, output_dir / "config.yaml")
+        (output_dir / "deepspeed.json").write_text(json.dumps(parts.ds_config, indent=1))
+    _announce(monitor, parts, meta, store, resume, resume_tag, trainer.state)
+    trainer.sync_table_lr()
+
+    t_fit = time.time()                                         # 3. the loop
+    trainer.fit()
+    fit_seconds = time.time() - t_fit
+
+    st, export_dir = trainer.state, output_dir / "export"       # 4. export + metrics
+    if env.is_main:
+        with store.open(st.best_tag) as ck:
+            export_checkpoint(ck, export_dir)
+    env.barrier()
+    metrics = _summary(parts, meta, st, store, export_dir, time.time() - t_start, fit_seconds)
     if env.is_main:
         tmp = output_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
         os.replace(tmp, output_dir / "metrics.json")
-        best = st.best_test or {}
-        monitor.log(f"best epoch {st.best_epoch}: test " + ", ".join(
-            f"{k} {best[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50") if k in best))
+        shown = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
+        if st.best_test:
+            monitor.log(f"best epoch {st.best_epoch}: test " + ", ".join(f"{k} {st.best_test[k]:.4f}" for k in shown))
+        elif st.best_valid:
+            monitor.log(f"best epoch {st.best_epoch}: valid " + ", ".join(f"{k} {st.best_valid[k]:.4f}" for k in shown))
         monitor.log(f"wrote {export_dir} and {output_dir / 'metrics.json'}")
     monitor.close()
     return metrics

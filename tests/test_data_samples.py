@@ -17,6 +17,7 @@ from data_shards import (
 )
 from data_shards.bundled import SAMPLES_DIR
 from data_shards.features import TextEncoder
+from mmm4rec.paths import text_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,11 +27,11 @@ def built(tmp_path_factory, pytestconfig):
     """Both samples built once into one directory: ``out``, ``urls`` {name: url}, ``cpu``
     seconds, ``cold`` (whether the text cache was empty) and the ``cache`` directory.
 
-    The text vectors are cached in pytest's cache directory, so only a first run (``cold``)
+    The text vectors are cached in ``mmm4rec.paths.text_cache_dir()``, so only a first run (``cold``)
     encodes. CPU time (all threads of this process), not wall time, is measured: other
     test sessions may share the machine's two cores."""
     out = tmp_path_factory.mktemp("samples")
-    cache = pytestconfig.cache.mkdir("mmm4rec-text-vectors")
+    cache = text_cache_dir()   # the machine-wide cache the quickstart and dist tests share
     cold = not any(cache.rglob("*.npz"))
     t0 = time.process_time()
     urls = {n: ensure_sample_shards(n, out, cache_dir=cache, progress=False) for n in ("office", "scientific_mm")}

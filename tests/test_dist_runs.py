@@ -6,7 +6,8 @@ One shared set of launches (module-scoped fixtures), several checks per launch:
     scratch      2 procs, deepspeed launcher, ZeRO 3, scientific_mm, full CE, ID term,
                  a checkpoint every 3 steps (the reference of the kill/resume test)
     transfer     2 procs, deepspeed launcher, ZeRO 1, the same as scratch but from the
-                 pretrain export
+                 pretrain export, checkpoints through fsspec (a file:// URL: staged, uploaded,
+                 committed by the `latest` pointer)
     killed       scratch's config, SIGKILLed (whole process group) after step 6 ...
     resumed      ... then resumed with --resume under torchrun
     equivalence  this file as a worker: 1 process and 2 processes over the same global
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from s3_server import s3_server  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PT = str(REPO / "configs" / "tiny_pretrain.yaml")
@@ -106,6 +108,7 @@ def runs(tmp_path_factory, sample_shards):
     _ok(launch(r["pretrain"], TINY_PT, ["train.steps_per_epoch=15"]), "pretrain (ZeRO 2)")
     _ok(launch(r["scratch"], TINY_FT, [*FT_SETTINGS, "train.deepspeed=zero3"]), "scratch fine-tune (ZeRO 3)")
     _ok(launch(r["transfer"], TINY_FT, [*FT_SETTINGS, "train.deepspeed=zero1",
+                                        f"checkpoint.dir=file://{root / 'transfer-checkpoints'}",
                                         f"train.init_from={r['pretrain'] / 'export'}"]), "transfer (ZeRO 1)")
     return r
 
@@ -125,12 +128,14 @@ def test_run_outputs_and_distributed_eval_equals_single_process(runs, name, stag
     assert m["best_epoch"] >= 1 and m["test"]["count"] > 0
     assert set(m["timings"]) >= {"total_seconds", "train_seconds", "eval_seconds", "samples_per_second"}
     for f in ("config.yaml", "deepspeed.json", "logs/steps.csv", "logs/epochs.csv", "export/model.safetensors",
-              "export/config.json", "checkpoints/latest"):
+              "export/config.json"):
         assert (run / f).is_file(), f
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     load_experiment(run / "config.yaml")            # the resolved config is a valid experiment
     MMM4Rec.from_pretrained(run / "export")
-    single = evaluate_path(str(run), None, "test")   # best checkpoint, plain model, one process
+    ckpts = Path(m["best_checkpoint"].removeprefix("file://")).parent
+    assert (ckpts / "latest").is_file() and (ckpts / m["best_checkpoint"].rsplit("/", 1)[1] / "checkpoint.json").is_file()
+    single = evaluate_path(str(ckpts), None, "test")   # best checkpoint, plain model, one process
     for k, v in m["test"].items():
         assert single[k] == pytest.approx(v, abs=1e-9), k
 
@@ -147,7 +152,7 @@ def test_export_then_from_pretrained_gives_identical_scores(runs, tmp_path):
     from mmm4rec.cli import main as mmm4rec_main
     from mmm4rec.models import MMM4Rec
 
-    for name in ("pretrain", "scratch"):        # ZeRO 2 and ZeRO 3 checkpoints
+    for name in ("pretrain", "scratch"):        # ZeRO 2 and ZeRO 3 checkpoints (ZeRO 1: the transfer run's export)
         out = tmp_path / f"export-{name}"
         assert mmm4rec_main(["export", str(runs[name]), str(out)]) == 0
         a, b = load_file(out / "model.safetensors"), load_file(runs[name] / "export" / "model.safetensors")
@@ -217,6 +222,31 @@ def test_kill_and_resume_is_exact(runs):
     ma, mb = _metrics(ref), _metrics(got)
     assert ma["history"] == mb["history"]
     assert ma["test"] == mb["test"] and ma["best_epoch"] == mb["best_epoch"]
+
+
+@pytest.mark.s3
+def test_checkpoints_on_s3_commit_resume_and_export(s3_server, sample_shards, tmp_path):  # noqa: F811
+    """Checkpoints on a real S3 endpoint (moto): written through fsspec, committed by the
+    `latest` object, read back by --resume and by the export (one process)."""
+    import s3fs
+
+    bucket = s3_server.make_bucket("mmm4rec-ckpt")
+    os.environ.update(s3_server.env())           # the launched run inherits the endpoint and credentials
+    try:
+        out = tmp_path / "s3run"
+        sets = ["train.epochs=2", "train.steps_per_epoch=3", "checkpoint.every_steps=2", "model.use_id=true",
+                f"checkpoint.dir={bucket}/run"]
+        _ok(launch(out, TINY_FT, sets, nproc=1), "run with S3 checkpoints")
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)
+        assert fs.cat_file("mmm4rec-ckpt/run/latest").decode() == "step_00000006"
+        assert fs.exists("mmm4rec-ckpt/run/step_00000006/checkpoint.json")
+        assert not (out / "checkpoints").exists()
+        _ok(launch(out, TINY_FT, sets, nproc=1, resume=True, log_name="resume.log"), "resume from S3")
+        assert f"resumed from {bucket}/run/step_00000006" in (out / "resume.log").read_text()
+        assert (out / "export" / "model.safetensors").is_file()
+    finally:
+        for k in s3_server.env():
+            os.environ.pop(k, None)
 
 
 def test_bad_init_from_fails_before_training(runs, tmp_path):

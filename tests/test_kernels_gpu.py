@@ -59,7 +59,7 @@ REC_SHAPES = [(4, 20, 8, 64, 1, 64), (4, 50, 8, 64, 1, 64), (2, 200, 8, 64, 2, 6
 @compiled
 @pytest.mark.parametrize("stage", ["chunk_cumsum", "chunk_state", "state_passing", "chunk_scan"])
 @pytest.mark.parametrize("shape", REC_SHAPES[2:])
-@pytest.mark.parametrize("Q", [32, 64, 128])
+@pytest.mark.parametrize("Q", [16, 32, 64])
 def test_stages_compiled(stage, shape, Q):
     kt = _kt()
     s = kt.SSDShape(*shape)
@@ -70,7 +70,7 @@ def test_stages_compiled(stage, shape, Q):
 
 @compiled
 @pytest.mark.parametrize("shape", REC_SHAPES)
-@pytest.mark.parametrize("chunk_size", [64, 128])
+@pytest.mark.parametrize("chunk_size", [32, 64])
 @pytest.mark.parametrize("strided", [False, True])
 def test_ssd_compiled_fp32(shape, chunk_size, strided):
     kt = _kt()

@@ -18,6 +18,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton (or a kernel module) is imported
 
+import contextlib
 import random
 
 import pytest
@@ -41,16 +42,18 @@ SEED = int(os.environ.get("MMM4REC_KERNEL_SEED") or random.SystemRandom().randra
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _announce_seed(request):
+def _announce_seed(request, record_testsuite_property):
+    record_testsuite_property("kernel_seed", SEED)       # in the junit report too
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     if tr is not None:
-        tr.write_line(f"[kernel tests] seed {SEED}  (reproduce: MMM4REC_KERNEL_SEED={SEED})")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            tr.write_line(f"[kernel tests] seed {SEED}  (reproduce: MMM4REC_KERNEL_SEED={SEED})")
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
-def rng(request, record_property):
-    record_property("seed", SEED)
+def rng(request):
     return random.Random(f"{SEED}:{request.node.name}")
 
 

@@ -51,7 +51,13 @@ import triton.language as tl
 from ._common import UnsupportedShapeError, check_device, dot_precision, empty, num_sms
 from .fourier_ref import fourier_filter_ref  # the twin
 
-__all__ = ["MAX_LEN", "FourierFilterFn", "dft_matrices", "fourier_filter_ref", "fourier_filter_triton"]
+__all__ = [
+    "MAX_LEN",
+    "FourierFilterFn",
+    "dft_matrices",
+    "fourier_filter_ref",
+    "fourier_filter_triton",
+]
 
 MAX_LEN = 512
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)

@@ -11,6 +11,9 @@ Forward (4 launches)                       Backward (4 launches + 2 tiny reducti
                                              2' chunk_state_bwd   dstates -> += dx, dB,
                                                                       ddt_hat, ddA_cs
                                              1' chunk_cumsum_bwd  -> ddt, dA, ddt_bias
+
+A sequence that fits in one chunk (recommendation windows up to 64) carries no state:
+stages 2-3 and 3'-2' are skipped and stage 4 runs without the carried-in term.
 """
 from __future__ import annotations
 
@@ -24,7 +27,13 @@ from .ssd_chunk_state import block_s, chunk_state_bwd, chunk_state_fwd
 from .ssd_ref import ssd_chunked_ref  # the twin
 from .ssd_state_passing import state_passing_bwd, state_passing_fwd
 
-__all__ = ["MAX_DSTATE", "SSDChunkedFn", "kernel_chunk_size", "ssd_chunked_ref", "ssd_chunked_triton"]
+__all__ = [
+    "MAX_DSTATE",
+    "SSDChunkedFn",
+    "kernel_chunk_size",
+    "ssd_chunked_ref",
+    "ssd_chunked_triton",
+]
 
 MAX_DSTATE = 256
 _MIN_CHUNK, _MAX_CHUNK = 16, 64    # tl.dot needs >= 16; the backward holds ~5 [Q, Q] fp32 tiles
@@ -39,7 +48,6 @@ def kernel_chunk_size(chunk_size: int, seqlen: int, dstate: int) -> int:
     function), so the kernels are free to pick it: the largest power of two in
     [16, 64] not above ``chunk_size``, shrunk to what ``seqlen`` needs (L=20 runs one
     32-chunk, not a 64-chunk that is 70% padding) and to the register budget for S.
-    (The stage kernels themselves take any power of two from 16 to 128.)
     """
     q = _MIN_CHUNK
     while q * 2 <= min(chunk_size, _MAX_CHUNK):
