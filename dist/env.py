@@ -41,8 +41,14 @@ def prepare_process_env() -> None:
     * CPU threads: ``OMP_NUM_THREADS`` if set, else the cores split between the
       processes of this node.
     """
+    import warnings
+
     import torch
 
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 marks deprecated, once per
+    # call site and rank: noise in every log, nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))

@@ -99,6 +99,14 @@ def test_backend_precedence(monkeypatch):
         dispatch.set_backend("fast")
 
 
+def test_describe(monkeypatch):
+    assert dispatch.describe().startswith("auto (default): ")
+    monkeypatch.setenv("MMM4REC_KERNELS", "reference")
+    assert dispatch.describe().startswith("reference (MMM4REC_KERNELS): PyTorch reference")
+    dispatch.set_backend("triton")
+    assert dispatch.describe().startswith("triton (set_backend): Triton on CUDA tensors")
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_cpu_runs_the_reference(backend):
     dispatch.set_backend(backend)

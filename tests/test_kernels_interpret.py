@@ -48,7 +48,7 @@ def _announce_seed(request, record_testsuite_property):
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if tr is not None:
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            tr.write_line(f"[kernel tests] seed {SEED}  (reproduce: MMM4REC_KERNEL_SEED={SEED})")
+            tr.write_line(f"\n[kernel tests] seed {SEED}  (reproduce: MMM4REC_KERNEL_SEED={SEED})")
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -306,3 +306,15 @@ def test_causal_conv_equals_torch_conv1d(channels_last):
     g1 = torch.autograd.grad(m(inp).sum(), m.conv.weight)[0]
     g2 = torch.autograd.grad(ref.sum(), m.conv.weight)[0]
     assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_kernels_field_scopes_the_backend(monkeypatch):
+    from mmm4rec.kernels import dispatch
+
+    seen = []
+    original = dispatch._ssd_reference
+    monkeypatch.setattr(dispatch, "_ssd_reference", lambda *a: seen.append(dispatch.get_backend()) or original(*a))
+    model = with_features(MMM4Rec(tiny_cfg(kernels="reference"))).eval()
+    model.user_vector(random_batch(model.config))
+    assert seen and set(seen) == {"reference"}
+    assert dispatch.get_backend() == "auto"      # restored after the forward

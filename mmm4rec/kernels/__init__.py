@@ -5,6 +5,6 @@
 Design, tests and benchmark: docs/kernels.md.
 """
 from ._common import UnsupportedShapeError
-from .dispatch import fourier_filter, get_backend, set_backend, ssd
+from .dispatch import fourier_filter, get_backend, set_backend, ssd, use_backend
 
-__all__ = ["UnsupportedShapeError", "fourier_filter", "get_backend", "set_backend", "ssd"]
+__all__ = ["UnsupportedShapeError", "fourier_filter", "get_backend", "set_backend", "ssd", "use_backend"]

@@ -49,7 +49,8 @@ class MMM4RecConfig:
     time_leak: bool = False         # feed the target's timestamp into the time path
     rank_padding: bool = False      # rank the padding item 0 at evaluation
     # implementation
-    ssd_form: Literal["chunked", "quadratic"] = "chunked"
+    ssd_form: Literal["chunked", "quadratic"] = "chunked"   # "quadratic": always the O(L^2) dual form
+    kernels: Literal["auto", "triton", "reference"] = "auto"  # see mmm4rec.kernels.dispatch
     rmsnorm_eps: float = 1e-5
     init_range: float = 0.02
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import fourier_filter
+from ..kernels import fourier_filter, use_backend
 from .base import SeqInput, SeqRecModel, TableSpec
 from .configs import MMM4RecConfig
 from .layers import ComplexLinear, FeedForward
@@ -134,7 +134,8 @@ class MMM4RecDense(nn.Module):
         return x_v[torch.arange(x_v.shape[0], device=x_v.device), last]
 
     def forward(self, seq: SeqInput | None = None, items: dict[str, torch.Tensor] | None = None):
-        u = self.user_vectors(seq) if seq is not None else None
+        with use_backend(None if self.cfg.kernels == "auto" else self.cfg.kernels):
+            u = self.user_vectors(seq) if seq is not None else None
         v = self.item_vectors(items) if items is not None else None
         return u, v
 
