@@ -23,6 +23,7 @@ from .config import (
 
 __all__ = ["preflight", "build", "Parts", "read_export_header", "check_export_compatible", "resolve_data_url"]
 
+
 # ---------------------------------------------------------------------- init_from
 def read_export_header(path: str) -> dict:
     """``config.json`` of an export; clear errors for a missing/foreign directory."""

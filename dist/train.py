@@ -34,16 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train MMM4Rec (or SASRec) with DeepSpeed ZeRO for the dense weights and torchrec "
                     "EmbeddingCollections for the item tables, on CPU (gloo) or GPU (NCCL).",
         epilog="Launch with `deepspeed --num_gpus N dist/train.py ...` or `torchrun --nproc_per_node N "
-               "dist/train.py ...`; a plain `python dist/train.py ...` runs one process. "
-               "Config reference: docs/training.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "dist/train.py ...`; a plain `python dist/train.py ...` runs one process. RANK, WORLD_SIZE, "
+               "LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment. Exit status: 0 success, 2 "
+               "configuration/data error (before training), 1 other failure. Config reference: docs/training.md.")
     p.add_argument("--config", required=True, metavar="PATH",
                    help="experiment YAML (e.g. configs/tiny_pretrain.yaml)")
     p.add_argument("--output-dir", metavar="DIR", default=None,
                    help="run directory: config.yaml, checkpoints/, logs/, tensorboard/, export/, metrics.json "
                         "(default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, value parsed as YAML; repeatable "
+                   help="override a config field, the value parsed as YAML; repeatable "
                         "(e.g. --set train.epochs=3 --set model.hidden_size=64)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the output directory (start fresh if there "

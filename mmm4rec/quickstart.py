@@ -11,8 +11,8 @@
 5. prints the test metrics of both and the best epochs, writes ``summary.json`` and
    ``validation_curves.png`` into the run directory.
 
-About 5-6 minutes on a 2-core CPU machine, plus 1-2 minutes the very first time
-(DeepSpeed's shared-memory op and the MiniLM text vectors are built once and cached).
+About 3-4 minutes on a 2-core CPU machine (222 s measured with cold caches: DeepSpeed's
+shared-memory op and the MiniLM text vectors are built once per machine and cached).
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def register(subparsers) -> None:
         description="Build shards of the bundled samples on local disk, pretrain MMM4Rec on 'office' with 2 "
                     "processes through the deepspeed launcher (ZeRO-2 + torchrec), export, fine-tune on "
                     "'scientific_mm' from the export and from scratch, print the test metrics and save the "
-                    "validation curves. About 5-6 minutes on 2 CPU cores (plus 1-2 minutes of one-time builds).")
+                    "validation curves. About 3-4 minutes on 2 CPU cores, one-time builds included.")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/quickstart-<time>; must be new)")
     p.add_argument("--nproc", type=int, default=2, help="processes per run")
     p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
