@@ -23,9 +23,9 @@ the epoch, so every rank and worker computes the same plan without talking):
 Resuming: the loader counts, per slot, the batches it has handed out.
 ``state_dict()`` saves them; after ``load_state_dict()`` each slot skips its first
 ``k * batch_size`` samples (whole chunks are skipped without being read), so the rest of
-the epoch is delivered exactly once. Batch order across slots after a resume can
-differ from the uninterrupted run (the DataLoader restarts its round-robin at
-worker 0); the set of samples of every slot is identical.
+the epoch is delivered exactly once, and the workers' slots are rotated so that the
+DataLoader's round-robin (which restarts at worker 0) continues the uninterrupted
+run's batch order exactly.
 """
 from __future__ import annotations
 
@@ -86,17 +86,32 @@ class _Chunk:
         )
 
 
-class _SlotStream(IterableDataset):
-    """What one DataLoader worker runs: the batches of its slot, tagged ``(slot, batch)``."""
+def _next_slot(consumed: list[int]) -> int:
+    """The slot a round-robin over slots serves next, given the batches each has served:
+    the first slot that is one batch behind slot 0 (0 when all are level)."""
+    for slot, count in enumerate(consumed):
+        if count < consumed[0]:
+            return slot
+    return 0
 
-    def __init__(self, loader: SequenceLoader, epoch: int, skip: list[int]):
+
+class _SlotStream(IterableDataset):
+    """What one DataLoader worker runs: the batches of its slot, tagged ``(slot, batch)``.
+
+    Worker ``w`` serves slot ``(w + rotation) % num_slots``: the DataLoader always starts
+    its round-robin at worker 0, so a resumed epoch rotates the slots to continue the
+    uninterrupted run's order exactly.
+    """
+
+    def __init__(self, loader: SequenceLoader, epoch: int, skip: list[int], rotation: int = 0):
         self.loader = loader
         self.epoch = epoch
         self.skip = skip
+        self.rotation = rotation
 
     def __iter__(self):
         info = get_worker_info()
-        slot = 0 if info is None else info.id
+        slot = 0 if info is None else (info.id + self.rotation) % self.loader.num_slots
         for batch in self.loader._slot_batches(self.epoch, slot, self.skip[slot]):
             yield slot, batch
 
@@ -218,13 +233,16 @@ class SequenceLoader:
         if done and not self._resumed:  # a finished epoch starts over
             self._consumed = [0] * self.num_slots
         self._resumed = False
-        stream = _SlotStream(self, self._epoch, list(self._consumed))
+        stream = _SlotStream(self, self._epoch, list(self._consumed), _next_slot(self._consumed))
         if self.num_workers == 0:
             for slot, batch in stream:
                 self._consumed[slot] += 1
                 yield batch
             return
-        batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
+        # the generator only seeds the workers' base seed; it keeps the DataLoader from
+        # drawing it from (and so shifting) the global RNG that training uses
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self._epoch)
+        batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=generator))
         try:
             for slot, batch in batches:
                 self._consumed[slot] += 1

@@ -171,10 +171,10 @@ def test_uneven_ranks_yield_the_same_number_of_batches(office_url, world_size, n
 
 # ----------------------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("stop_after", [1, 37, 63])
-def test_resume_mid_epoch_gives_exactly_the_remaining_samples(office_url, stop_after):
+@pytest.mark.parametrize("stop_after,workers", [(1, 2), (37, 2), (63, 2), (38, 3)])
+def test_resume_mid_epoch_gives_exactly_the_remaining_samples(office_url, stop_after, workers):
     def make():
-        loader = SequenceLoader(office_url, "train", rank=0, world_size=2, num_workers=2, seed=3, **KW)
+        loader = SequenceLoader(office_url, "train", rank=0, world_size=2, num_workers=workers, seed=3, **KW)
         loader.set_epoch(4)
         return loader
 
@@ -193,6 +193,8 @@ def test_resume_mid_epoch_gives_exactly_the_remaining_samples(office_url, stop_a
     rest = epoch_keys(resumed)
     assert len(seen) + len(rest) == len(full)
     assert collections.Counter(seen + rest) == collections.Counter(full)
+    # and in the uninterrupted run's order, across workers too
+    assert seen + rest == full
     # the resumed loader counts on from the saved position and ends the epoch complete
     assert resumed.state_dict()["batches"] == make()._slot_batches_target.tolist()
 
