@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +65,9 @@ def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Pat
     recipe = SAMPLE_DATASETS[name]
     out = Path(out_dir) / name
     fingerprint = _fingerprint(name, recipe)
-    if not force and (out / "manifest.json").is_file():
-        try:
-            if read_manifest(str(out))["build"]["extra"].get("fingerprint") == fingerprint:
-                return str(out)
-        except (ManifestError, KeyError):
-            pass  # unreadable or foreign: rebuild
+    if not force and (out / "manifest.json").is_file() and _is_current(out, fingerprint):
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     src = SAMPLES_DIR / recipe["dir"]
     image = recipe["image"]
     encoder = TextEncoder(DEFAULT_TEXT_ENCODER, cache_dir=cache_dir or text_cache_dir(),
@@ -81,6 +80,29 @@ def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Pat
         n = data.items.num_items + 1
         data.items = data.items.with_features(image=np.zeros((n, IMAGE_DIM), np.float32),
                                               image_mask=np.zeros(n, bool), image_encoder=None)
-    build_shards(data, str(out), shard_size=recipe["shard_size"], items_per_shard=recipe["items_per_shard"],
-                 extra={"sample": name, "fingerprint": fingerprint}, progress=progress)
+    # Build into a private directory and rename it into place: several processes (ranks,
+    # test sessions, Slurm jobs) may ask for the same sample at once, and a reader must
+    # never see a half-written shard set.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    try:
+        build_shards(data, str(tmp), shard_size=recipe["shard_size"], items_per_shard=recipe["items_per_shard"],
+                     extra={"sample": name, "fingerprint": fingerprint}, progress=progress)
+        if out.exists():   # stale (or a concurrent builder won): replace only if not current
+            if _is_current(out, fingerprint) and not force:
+                return str(out)
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            tmp.rename(out)
+        except OSError:    # a concurrent builder renamed first
+            if not _is_current(out, fingerprint):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+def _is_current(out: Path, fingerprint: str) -> bool:
+    try:
+        return read_manifest(str(out))["build"]["extra"].get("fingerprint") == fingerprint
+    except (ManifestError, KeyError, FileNotFoundError):
+        return False

@@ -105,3 +105,21 @@ def test_samples_stream(built):
 def test_unknown_sample_name(tmp_path):
     with pytest.raises(ValueError, match="unknown sample dataset 'movies'"):
         ensure_sample_shards("movies", tmp_path)
+
+
+def _build_office(out: str) -> str:
+    return ensure_sample_shards("office", out, progress=False)
+
+
+def test_concurrent_builders_never_expose_a_partial_shard_set(tmp_path, built):
+    """Ranks, test sessions and Slurm jobs share the sample cache: builders racing on
+    one directory all return the same, complete, verified shard set."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=ctx) as pool:
+        urls = list(pool.map(_build_office, [str(tmp_path)] * 3))
+    assert len(set(urls)) == 1
+    assert load_item_table(urls[0]).num_items == load_item_table(built.urls["office"]).num_items
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left
