@@ -28,14 +28,11 @@ _BATCH_KEYS = ("item_seq", "time_seq", "item_seq_len", "target", "target_time", 
 
 
 def build_dense(model_type: str, config) -> tuple[torch.nn.Module, list]:
-    """(dense module, table specs) of a model, without allocating its item tables:
-    the full model is built on the meta device only to read its specs and classes."""
+    """(dense module, table specs) of a model, without allocating its item tables
+    (``dist/tables.py`` builds those, sharded); the dense weights are initialised from
+    the (seeded) torch RNG."""
     cls = MODELS[model_type]
-    with torch.device("meta"):
-        skeleton = cls(config)
-    specs = skeleton.table_specs()
-    dense = type(skeleton.dense)(config)   # real weights, initialised from the (seeded) torch RNG
-    return dense, specs
+    return cls.dense_cls(config), cls.table_specs_for(config)
 
 
 class DistRecModel:

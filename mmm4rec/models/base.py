@@ -115,16 +115,23 @@ class SeqRecModel(nn.Module):
 
     model_type: str = ""
     config_cls: type = object
+    dense_cls: type = nn.Module     # built as dense_cls(config): what DeepSpeed wraps in dist/
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.num_items = config.num_items
         self.tables = ItemTables(self.table_specs())
+        self.dense = self.dense_cls(config)
 
     # --- to implement -----------------------------------------------------------
-    def table_specs(self) -> list[TableSpec]:
+    @classmethod
+    def table_specs_for(cls, config) -> list[TableSpec]:
+        """The per-item tables a model with ``config`` needs (no model is built)."""
         raise NotImplementedError
+
+    def table_specs(self) -> list[TableSpec]:
+        return self.table_specs_for(self.config)
 
     # --- features ----------------------------------------------------------------
     def set_item_table(self, table) -> None:

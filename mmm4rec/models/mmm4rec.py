@@ -145,13 +145,11 @@ class MMM4Rec(SeqRecModel):
 
     model_type = "mmm4rec"
     config_cls = MMM4RecConfig
+    dense_cls = MMM4RecDense
 
-    def __init__(self, config: MMM4RecConfig):
-        super().__init__(config)
-        self.dense = MMM4RecDense(config)
-
-    def table_specs(self) -> list[TableSpec]:
-        c, n = self.config, self.config.num_items + 1
+    @classmethod
+    def table_specs_for(cls, c: MMM4RecConfig) -> list[TableSpec]:
+        n = c.num_items + 1
         specs = [TableSpec("text", n, c.text_dim, "feature"),
                  TableSpec("image", n, c.image_dim, "feature"),
                  TableSpec("modality_mask", n, 2, "feature")]

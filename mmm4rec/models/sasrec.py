@@ -46,10 +46,8 @@ class SASRecDense(nn.Module):
 class SASRec(SeqRecModel):
     model_type = "sasrec"
     config_cls = SASRecConfig
+    dense_cls = SASRecDense
 
-    def __init__(self, config: SASRecConfig):
-        super().__init__(config)
-        self.dense = SASRecDense(config)
-
-    def table_specs(self) -> list[TableSpec]:
-        return [TableSpec("id", self.config.num_items + 1, self.config.hidden_size, "trainable", init="normal")]
+    @classmethod
+    def table_specs_for(cls, c: SASRecConfig) -> list[TableSpec]:
+        return [TableSpec("id", c.num_items + 1, c.hidden_size, "trainable", init="normal")]
