@@ -109,9 +109,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``.
+
+    Other ranks may be writing into the same staging tree at the same time (their
+    temp files are renamed into place under our feet): a file that vanished is skipped,
+    since its writer syncs it, and rank 0 syncs the whole tree again after the barrier
+    that ends the writes (``CheckpointStore.commit``).
+    """
     for dirpath, _, files in os.walk(root):
         for f in files:
-            _fsync_file(Path(dirpath) / f)
+            try:
+                _fsync_file(Path(dirpath) / f)
+            except FileNotFoundError:
+                continue
         _fsync_dir(Path(dirpath))
 
 
@@ -224,7 +234,7 @@ class CheckpointStore:
                 self.fs.pipe_file(self._rpath(LATEST), tag.encode())
             shutil.rmtree(staged, ignore_errors=True)
         else:
-            fsync_tree(staged)     # this rank's files
+            fsync_tree(staged)     # what this rank wrote (and any other rank's finished files)
             env.barrier()
             if env.is_main:
                 write_atomic(staged / STATE_FILE, json.dumps(state, indent=1).encode())

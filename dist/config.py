@@ -30,6 +30,7 @@ from typing import Any, Literal
 from data_shards import ShardsConfig, StorageConfig
 from mmm4rec.config import ConfigError, from_dict, load_yaml, to_dict
 from mmm4rec.models import MODELS
+from mmm4rec.paths import cache_dir
 
 __all__ = ["ExperimentConfig", "DataSection", "TablesConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
            "EvalConfig", "CheckpointConfig", "load_experiment", "resolve_model_config", "load_deepspeed_config",
@@ -44,8 +45,9 @@ METRIC_RE = re.compile(r"^(hr|ndcg|mrr)@(\d+)$")
 
 
 def default_cache_dir() -> Path:
-    """``$MMM4REC_CACHE`` or ``<repo>/.cache``: DeepSpeed's JIT ops, bundled sample shards."""
-    return Path(os.environ.get("MMM4REC_CACHE") or REPO_ROOT / ".cache")
+    """DeepSpeed's JIT ops and the bundled samples' shards live here: the project's one
+    cache rule, ``mmm4rec.paths.cache_dir()`` (``$MMM4REC_CACHE`` or ``<repo>/.cache``)."""
+    return cache_dir()
 
 
 @dataclass

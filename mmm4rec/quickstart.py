@@ -124,11 +124,10 @@ def _run(args) -> int:
 
     # 1. shards on local disk (an s3:// URL works the same way: data.url=s3://bucket/prefix)
     from data_shards import ensure_sample_shards
-    from dist.config import default_cache_dir
 
     t0 = time.time()
-    text_cache = default_cache_dir() / "samples" / "text-cache"   # MiniLM vectors, encoded once per machine
-    shards = {name: ensure_sample_shards(name, run_dir / "shards", cache_dir=text_cache, progress=False)
+    # MiniLM vectors come from the machine-wide text cache (mmm4rec.paths): encoded once
+    shards = {name: ensure_sample_shards(name, run_dir / "shards", progress=False)
               for name in ("office", "scientific_mm")}
     _say(f"shards built in {time.time() - t0:.0f}s: {shards['office']}, {shards['scientific_mm']}")
 

@@ -287,3 +287,25 @@ def test_safe_torch_load_refuses_arbitrary_objects(tmp_path):
     with safe_torch_load():
         assert torch.equal(torch.load(p, weights_only=False)["x"], torch.ones(2))
     assert torch.load is not None and "weights_only" not in repr(torch.load)
+
+
+def test_fsync_tree_tolerates_files_renamed_by_other_ranks(tmp_path, monkeypatch):
+    """Ranks share one staging tree: a temp file another rank renames away while this
+    rank walks the tree must not fail the commit (a race seen in a 2-process run)."""
+    from dist import checkpoint
+
+    (tmp_path / "ranks").mkdir()
+    (tmp_path / "ranks" / ".tmp-other-rank").write_bytes(b"x")
+    (tmp_path / "ranks" / "rank0.pt").write_bytes(b"y")
+    real = checkpoint._fsync_file
+    synced = []
+
+    def racing_fsync(path):
+        if path.name == ".tmp-other-rank":     # the other rank renames it just now
+            path.rename(path.with_name("rank1.pt"))
+        real(path)
+        synced.append(path.name)
+
+    monkeypatch.setattr(checkpoint, "_fsync_file", racing_fsync)
+    checkpoint.fsync_tree(tmp_path)
+    assert "rank0.pt" in synced
