@@ -2,7 +2,7 @@
 
 This is also the single-process reference the distributed evaluation is checked
 against (``tests/test_dist_runs.py``): a plain ``mmm4rec.models`` model and
-``mmm4rec.evaluate.evaluate`` over a world-of-one loader.
+``mmm4rec.evaluate.evaluate`` (chunked ranking, items encoded once) over a world-of-one loader.
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def evaluate_path(path: str, config: str | None, split: str = "test", overrides:
     model, kind = load_plain_model(p, cfg, url)
     loader = SequenceLoader(cfg.data, split, rank=0, world_size=1, shuffle=False)
     with torch.no_grad():
-        metrics = evaluate(model, loader, ks=cfg.eval.ks, mask_history=cfg.eval.mask_history)
+        metrics = evaluate(model, loader, ks=cfg.eval.ks, mask_history=cfg.eval.mask_history,
+                           item_chunk_size=cfg.eval.item_chunk_size)
     return {"path": str(path), "kind": kind, "split": split, "data": url, **metrics}
 

@@ -8,12 +8,9 @@ target rank is the number of items scored strictly higher, as in
 are all-reduced in float64, so the result equals the single-process evaluation of
 the same data up to float rounding of the scores.
 
-Catalogs larger than ``item_chunk_size`` are scored chunk by chunk, never
-materialising a ``[b, num_items]`` matrix: pass 1 reads each target's score from its
-chunk's matmul, pass 2 recomputes the same matmuls and counts the items scored higher.
-Within a chunk this is the one-matrix computation; items in *different* chunks whose
-scores tie exactly may be ordered differently by the last bit (BLAS rounding depends
-on the matrix shape), which moves a rank by one only on exact cross-chunk ties.
+Catalogs larger than ``item_chunk_size`` are scored chunk by chunk
+(``mmm4rec.metrics.chunked_target_ranks``), never materialising a ``[b, num_items]``
+matrix.
 """
 from __future__ import annotations
 
@@ -21,51 +18,11 @@ from collections.abc import Iterable
 
 import torch
 
-from mmm4rec.metrics import RankingMetrics, target_ranks
+from mmm4rec.metrics import RankingMetrics, chunked_target_ranks
 
 from .env import rng_isolated
 
-__all__ = ["evaluate", "chunked_target_ranks"]
-
-
-def _history_mask(history: torch.Tensor, target: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """bool [b, hi-lo]: items of the history (not the target, not padding) in ``lo..hi-1``."""
-    hist = history.clone()
-    hist[hist == target[:, None]] = 0
-    inside = (hist >= lo) & (hist < hi) & (hist > 0)
-    mask = torch.zeros(history.shape[0], hi - lo, dtype=torch.bool, device=history.device)
-    rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(hist)
-    mask[rows[inside], hist[inside] - lo] = True
-    return mask
-
-
-def chunked_target_ranks(u: torch.Tensor, V: torch.Tensor, target: torch.Tensor, chunk: int,
-                         rank_padding: bool = False, history: torch.Tensor | None = None) -> torch.Tensor:
-    """0-based rank of each target among all items, scoring ``chunk`` items at a time."""
-    n = V.shape[0]
-    if n <= chunk:
-        scores = u @ V.T
-        if not rank_padding:
-            scores[:, 0] = float("-inf")
-        return target_ranks(scores, target, history)
-    # pass 1: the target's score, from exactly the matmul pass 2 compares against
-    tgt = torch.empty(u.shape[0], dtype=u.dtype, device=u.device)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        inside = (target >= lo) & (target < hi)
-        if inside.any():
-            s = u @ V[lo:hi].T
-            tgt[inside] = s[inside].gather(1, (target[inside] - lo)[:, None])[:, 0]
-    ranks = torch.zeros(u.shape[0], dtype=torch.int64, device=u.device)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        s = u @ V[lo:hi].T
-        if lo == 0 and not rank_padding:
-            s[:, 0] = float("-inf")
-        if history is not None:
-            s = s.masked_fill(_history_mask(history, target, lo, hi), float("-inf"))
-        ranks += (s > tgt[:, None]).sum(1)
-    return ranks
+__all__ = ["evaluate"]
 
 
 @torch.no_grad()

@@ -214,7 +214,7 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("history", [False, True])
 def test_chunked_ranks_equal_one_matrix_ranks(history):
-    from dist.evaluation import chunked_target_ranks
+    from mmm4rec.metrics import chunked_target_ranks
     from mmm4rec.metrics import target_ranks
 
     g = torch.Generator().manual_seed(0)
