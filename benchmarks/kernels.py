@@ -22,6 +22,7 @@ script, not a measurement).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -110,7 +111,10 @@ def ssd_cost(b, L, H, P, G, S, Q, elt):
 def ssd_rows(torch, args, device, dtype, ceilings, mamba):
     from mmm4rec.kernels.ssd_combined import kernel_chunk_size, ssd_chunked_triton
     from mmm4rec.kernels.ssd_ref import ssd_chunked_ref, ssd_quadratic_ref
-    from mmm4rec.kernels.testing import SSDShape, ssd_inputs
+    from mmm4rec.kernels.testing import SSDShape, mamba_cpu_shims, ssd_inputs
+
+    # the interpreter smoke runs mamba's kernels on CPU tensors too (see mamba_cpu_shims)
+    shims = mamba_cpu_shims if device == "cpu" else contextlib.nullcontext
 
     rows = []
     for L in [int(v) for v in args.lengths.split(",")]:
@@ -120,7 +124,8 @@ def ssd_rows(torch, args, device, dtype, ceilings, mamba):
 
         def fwd_bwd(f, ins=ins, dy=dy):
             def run():
-                f(*ins).backward(dy)
+                with shims():
+                    f(*ins).backward(dy)
             return run
 
         impls = {
@@ -250,12 +255,12 @@ def main(argv=None) -> int:
 
     device = "cpu" if args.interpret_smoke else "cuda"
     dtype = getattr(torch, DTYPES[args.dtype])
-    try:
-        import mamba_ssm
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as mamba
-        mamba_version = mamba_ssm.__version__
-    except Exception:  # noqa: BLE001 - not installed, or its CUDA extension fails to load
-        mamba, mamba_version = None, None
+    from mmm4rec.kernels.testing import load_mamba_chunk_scan_combined
+
+    mamba, mamba_version = load_mamba_chunk_scan_combined()
+    if mamba is None:
+        print(f"[kernels] no mamba column: {mamba_version}")
+        mamba_version = None
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter smoke)",
             "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
             "mamba_ssm": mamba_version, "batch": args.batch, "heads": args.heads,

@@ -2,7 +2,8 @@
 # Set up MMM4Rec's Python environment in ./.venv (idempotent).
 #
 #   scripts/setup.sh            runtime deps + the package (quickstart)
-#   scripts/setup.sh --dev      + test deps, moto S3 server, Slurm/munge (Debian)
+#   scripts/setup.sh --dev      + test deps, moto S3 server, mamba-ssm's Triton sources,
+#                               Slurm/munge (Debian)
 #
 # Install order matters on a CPU machine (docs/install.md):
 #   1. torch 2.13.0 CPU build first; a constraints file pins it for every later step
@@ -37,6 +38,14 @@ else
   echo "[setup] mmm4rec and its dependencies"
   if [ "$DEV" = 1 ]; then EXTRAS="[s3,dev]"; else EXTRAS="[s3]"; fi
   DS_BUILD_OPS=0 $PIP $C -e ".$EXTRAS"
+  if [ "$DEV" = 1 ]; then
+    # mamba_ssm's Triton sources without its CUDA extensions: the kernel tests compare our
+    # SSD with its mamba_chunk_scan_combined under Triton's interpreter (docs/kernels.md)
+    echo "[setup] mamba-ssm 2.3.2.post1 (Triton sources only, no CUDA build)"
+    $PIP $C wheel
+    MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+      $PIP $C --no-deps --no-build-isolation "mamba-ssm==2.3.2.post1"
+  fi
   "$VENV/bin/python" - <<'PY'
 import torch, sys
 if "+cpu" not in torch.__version__ and not torch.cuda.is_available():

@@ -156,6 +156,39 @@ def test_kernel_chunk_size():
     assert kernel_chunk_size(64, 1000, 256) == 16
 
 
+# ------------------------------------------------------------------------ vs mamba_ssm
+@pytest.fixture(scope="module")
+def mamba():
+    fn, version = kt.load_mamba_chunk_scan_combined()
+    if fn is None:
+        pytest.skip(version)
+    return fn
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ssd_matches_mamba_chunk_scan_combined(kind, rng, mamba):
+    """Ours vs mamba_ssm's own Triton kernels (interpreted too), the dt-scaled skip term
+    added to mamba's output (kt.mamba_equivalent): y and all 7 gradients. Shapes as the
+    model uses them (P a multiple of 16; mamba wants a power-of-two chunk)."""
+    chunk_size = rng.choice([16, 32])
+    H = rng.choice([2, 4])
+    shape = kt.SSDShape(b=rng.choice([1, 2]), L=_draw_length(rng, kind, chunk_size), H=H,
+                        P=rng.choice([16, 32]), G=rng.choice([g for g in (1, 2) if H % g == 0]),
+                        S=rng.choice([16, 32]))
+    _assert_close(kt.compare_with_mamba(mamba, shape, chunk_size, rng.randrange(1 << 30), DEVICE),
+                  f"ours vs mamba_chunk_scan_combined {kind} {shape} chunk_size={chunk_size}")
+
+
+def test_reference_matches_mamba_chunk_scan_combined(rng, mamba):
+    """The PyTorch chunked twin (what the model runs on CPU) vs mamba_ssm, one ragged shape."""
+    from mmm4rec.kernels.ssd_ref import ssd_chunked_ref
+
+    shape = kt.SSDShape(b=2, L=_draw_length(rng, "ragged", 16), H=4, P=16, G=2, S=16)
+    _assert_close(kt.compare_with_mamba(mamba, shape, 16, rng.randrange(1 << 30), DEVICE,
+                                        impl=lambda *a: ssd_chunked_ref(*a, chunk_size=16)),
+                  f"ssd_chunked_ref vs mamba_chunk_scan_combined {shape}")
+
+
 # ------------------------------------------------------------------------ Fourier filter
 @pytest.mark.parametrize("L", [1, 2, 7, 8, 20, 33, 50, 64, 200, 512])
 def test_dft_matrices_match_torch_fft(L):

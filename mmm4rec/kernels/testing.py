@@ -52,7 +52,11 @@ __all__ = [
     "check_fourier",
     "check_ssd",
     "check_state_passing",
+    "compare_with_mamba",
     "fourier_inputs",
+    "load_mamba_chunk_scan_combined",
+    "mamba_cpu_shims",
+    "mamba_equivalent",
     "rel_err",
     "ssd_inputs",
     "sum_err",
@@ -259,6 +263,28 @@ def check_chunk_scan(shape: SSDShape, Q: int, seed: int, device, nsplit: int = 1
 
 
 # ------------------------------------------------------------------------------ combined
+_SSD_GRADS = ("dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias")
+
+
+def _ssd_reference64(ins, dy):
+    """The quadratic form in float64 on the up-cast inputs: ``({y, dx, ...}, terms)``, where
+    ``terms`` holds, for the gradients that are sums over the b*L positions (dA, dD,
+    ddt_bias), their per-position terms [b, L, H]: A and dt_bias enter as expanded leaves."""
+    x, dt, A, B, C, D, dt_bias = (_leaf64(t) for t in ins)
+    A_pos, bias_pos = (t.detach().expand_as(dt).clone().requires_grad_(True) for t in (A, dt_bias))
+    r_y = ssd_quadratic_ref(x, dt, A_pos, B, C, D, bias_pos)
+    dy64 = dy.double()
+    r_dx, r_ddt, r_dA_pos, r_dB, r_dC, r_dD, r_dbias_pos = torch.autograd.grad(
+        r_y, (x, dt, A_pos, B, C, D, bias_pos), dy64)
+    with torch.no_grad():
+        r_dD_pos = (dy64 * x * torch.nn.functional.softplus(dt + dt_bias)[..., None]).sum(-1)
+    if rel_err(r_dD, r_dD_pos.sum((0, 1))) > 1e-9:
+        raise AssertionError("internal: dD terms do not add up to the reference dD")
+    ref = {"y": r_y, "dx": r_dx, "ddt": r_ddt, "dA": r_dA_pos.sum((0, 1)), "dB": r_dB,
+           "dC": r_dC, "dD": r_dD, "ddt_bias": r_dbias_pos.sum((0, 1))}
+    return ref, {"dA": r_dA_pos, "dD": r_dD_pos, "ddt_bias": r_dbias_pos}
+
+
 def check_ssd(shape: SSDShape, chunk_size: int, seed: int, device, dtype=torch.float32,
               strided=False, nsplit=None) -> Errors:
     """ssd_chunked_triton vs the quadratic (dual) form in float64: y and all 7 gradients.
@@ -270,29 +296,15 @@ def check_ssd(shape: SSDShape, chunk_size: int, seed: int, device, dtype=torch.f
     with poison_outputs(), _patched(ssd_combined, "_pick_nsplit", nsplit):
         y = ssd_chunked_triton(*leaves, chunk_size=chunk_size)
         grads = torch.autograd.grad(y, leaves, dy)
-    names = ("dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias")
+    names = _SSD_GRADS
     _finite(y=y, **dict(zip(names, grads)))
-    # Reference in float64. A and dt_bias enter per position (expanded leaves; the
-    # quadratic form broadcasts them), so their gradients come with their b*L terms.
-    x, dt, A, B, C, D, dt_bias = (_leaf64(t) for t in ins)
-    A_pos, bias_pos = (t.detach().expand_as(dt).clone().requires_grad_(True) for t in (A, dt_bias))
-    r_y = ssd_quadratic_ref(x, dt, A_pos, B, C, D, bias_pos)
-    dy64 = dy.double()
-    r_dx, r_ddt, r_dA_pos, r_dB, r_dC, r_dD, r_dbias_pos = torch.autograd.grad(
-        r_y, (x, dt, A_pos, B, C, D, bias_pos), dy64)
-    with torch.no_grad():
-        r_dD_pos = (dy64 * x * torch.nn.functional.softplus(dt + dt_bias)[..., None]).sum(-1)
-    errs = {"y": rel_err(y, r_y)}
-    errs.update({n: rel_err(o, r) for n, o, r in zip(
-        ("dx", "ddt", "dB", "dC"), (grads[0], grads[1], grads[3], grads[4]), (r_dx, r_ddt, r_dB, r_dC))})
+    ref, terms = _ssd_reference64(ins, dy)
+    errs = {"y": rel_err(y, ref["y"])}
+    errs.update({n: rel_err(grads[i], ref[n]) for i, n in enumerate(names) if n not in terms})
     # dA, dD, ddt_bias are sums over b*L positions: judged against sum |terms| (the scale of
     # a sum's rounding error); a plain relative error is ill-conditioned under cancellation
     # (the fp32 PyTorch reference itself then misses by 1e-3).
-    errs["dA"] = sum_err(grads[2], r_dA_pos)
-    errs["dD"] = sum_err(grads[5], r_dD_pos)
-    errs["ddt_bias"] = sum_err(grads[6], r_dbias_pos)
-    if rel_err(r_dD, r_dD_pos.sum((0, 1))) > 1e-9:
-        raise AssertionError("internal: dD terms do not add up to the reference dD")
+    errs.update({n: sum_err(grads[names.index(n)], t) for n, t in terms.items()})
     for n, o, t in zip(names, grads, ins):
         if o.dtype != t.dtype or o.shape != t.shape:
             raise AssertionError(f"{n}: {o.dtype}{tuple(o.shape)} != input {t.dtype}{tuple(t.shape)}")
@@ -356,4 +368,131 @@ def check_fourier(b: int, H: int, L: int, seed: int, device, dtype=torch.float32
     r_grads = torch.autograd.grad(r_y, ref, g_out.double())
     errs = {"y": rel_err(y, r_y)}
     errs.update({n: rel_err(o, r) for n, o, r in zip(names, grads, r_grads)})
+    return errs
+
+
+# ------------------------------------------------------------------------------ mamba_ssm
+MAMBA_MISSING = ("mamba_ssm is not installed (CPU: scripts/setup.sh --dev installs its Triton "
+                 "sources; GPU: pip install -e .[gpu])")
+
+
+def load_mamba_chunk_scan_combined():
+    """``(mamba_chunk_scan_combined, version)`` from mamba_ssm, or ``(None, reason)``.
+
+    A GPU install imports as usual. A CPU install (``MAMBA_SKIP_CUDA_BUILD=TRUE``, as
+    ``scripts/setup.sh --dev`` does it) has mamba's Triton sources but not its CUDA
+    extensions, which the package ``__init__`` imports; then the Triton module is
+    imported from the package folder without running that ``__init__``. Under
+    ``TRITON_INTERPRET=1`` every autotuned mamba kernel is pinned to its first config,
+    since the autotuner times configs on a GPU (any config computes the same numbers).
+    Calls on CPU tensors need :func:`mamba_cpu_shims` around forward and backward.
+    """
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    try:
+        spec = importlib.util.find_spec("mamba_ssm")
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None, MAMBA_MISSING
+    try:
+        import mamba_ssm
+    except ImportError:            # no CUDA extensions: load the Triton sources alone
+        sys.modules.pop("mamba_ssm", None)
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__file__ = spec.origin
+        sys.modules["mamba_ssm"] = pkg
+        mamba_ssm = pkg
+    try:
+        combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+    except Exception as e:  # noqa: BLE001 - a broken or incompatible install
+        return None, f"mamba_ssm.ops.triton.ssd_combined failed to import: {type(e).__name__}: {e}"
+    version = getattr(mamba_ssm, "__version__", None)
+    if version is None:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+        try:
+            version = dist_version("mamba_ssm")
+        except PackageNotFoundError:
+            version = "unknown"
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        from triton.runtime.autotuner import Autotuner
+
+        for name in ("ssd_bmm", "ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan",
+                     "ssd_combined"):
+            mod = importlib.import_module(f"mamba_ssm.ops.triton.{name}")
+            for obj in vars(mod).values():
+                if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                    obj.configs = obj.configs[:1]
+    return combined.mamba_chunk_scan_combined, version
+
+
+@contextlib.contextmanager
+def mamba_cpu_shims() -> Iterator[None]:
+    """What mamba_ssm's host code asks of CUDA, answered for CPU tensors (interpreter runs).
+
+    It enters ``torch.cuda.device(t.device.index)``, which is None for a CPU tensor (torch
+    2.13 raises on None), and reads the SM count to size the backward's split grids (an
+    H100's 132 here). Neither touches the numbers; CUDA tensors pass through unchanged.
+    """
+    real_device, real_props = torch.cuda.device, torch.cuda.get_device_properties
+
+    def device(idx):
+        return contextlib.nullcontext() if idx is None else real_device(idx)
+
+    def props(d=None):
+        if d is not None and torch.device(d).type == "cpu":
+            from types import SimpleNamespace
+            return SimpleNamespace(multi_processor_count=132, name="cpu (interpreter)")
+        return real_props(d)
+
+    with mock.patch.object(torch.cuda, "device", device), \
+            mock.patch.object(torch.cuda, "get_device_properties", props):
+        yield
+
+
+def mamba_equivalent(mamba_fn, x, dt, A, B, C, D, dt_bias, chunk_size):
+    """Our SSD function computed through ``mamba_chunk_scan_combined``.
+
+    mamba's ``D`` multiplies x, ours the dt-scaled input dt_hat * x; both scan dt_hat * x
+    with dt_hat = softplus(dt + dt_bias). So: mamba without D, plus D * dt_hat * x (in
+    PyTorch, so gradients reach D, dt and dt_bias through it too).
+    """
+    y = mamba_fn(x, dt, A, B, C, chunk_size, D=None, dt_bias=dt_bias, dt_softplus=True)
+    dt_hat = torch.nn.functional.softplus(dt.float() + dt_bias.float())
+    return y + (D.float()[:, None] * dt_hat[..., None] * x.float()).to(y.dtype)
+
+
+def compare_with_mamba(mamba_fn, shape: SSDShape, chunk_size: int, seed: int, device,
+                       dtype=torch.float32, impl=None) -> Errors:
+    """``impl`` (default: ssd_chunked_triton) vs mamba_chunk_scan_combined on the same
+    inputs: y and all 7 gradients, as relative errors (sum-type ones via their magnitude)."""
+    impl = impl or (lambda *a: ssd_chunked_triton(*a, chunk_size=chunk_size))
+    ins = ssd_inputs(shape, seed, device, dtype)
+    ours = [t.detach().clone().requires_grad_(True) for t in ins]
+    theirs = [t.detach().clone().requires_grad_(True) for t in ins]
+    dy = _randn(_gen(seed + 1), shape.b, shape.L, shape.H, shape.P, device=device).to(dtype)
+    with poison_outputs():
+        y = impl(*ours)
+        g = torch.autograd.grad(y, ours, dy)
+    shims = mamba_cpu_shims() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+    with shims:
+        y_m = mamba_equivalent(mamba_fn, *theirs, chunk_size=chunk_size)
+        g_m = torch.autograd.grad(y_m, theirs, dy)
+    names = _SSD_GRADS
+    _finite(y=y, **dict(zip(names, g)))
+    _finite(y_mamba=y_m, **{f"{n}_mamba": t for n, t in zip(names, g_m)})
+    _, terms = _ssd_reference64(ins, dy)
+    errs = {"y": rel_err(y, y_m)}
+    for n, a, b in zip(names, g, g_m):
+        if n in terms:        # a sum over b*L positions: |ours - mamba| / sum |terms|
+            scale = terms[n].detach().abs().flatten(0, -2).sum(0).max().item()
+            errs[n] = (a.double() - b.double()).abs().max().item() / scale
+        else:
+            errs[n] = rel_err(a, b)
     return errs
