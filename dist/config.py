@@ -153,7 +153,7 @@ class TrainConfig:
     steps_per_epoch: int = 0                           # cap an epoch at this many steps (0: whole epoch)
     gradient_accumulation_steps: int = 1
     grad_clip: float = 0.0                             # max global L2 norm of the dense grads (0: off)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (bf16: autocast, CPU too)
     deepspeed: str = "zero2"                           # configs/deepspeed/<name>.json or a JSON path
     seed: int = 2020
     init_from: str | None = None                    # an export directory (fine-tuning)

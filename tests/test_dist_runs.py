@@ -261,6 +261,31 @@ def test_bad_init_from_fails_before_training(runs, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+# ---------------------------------------------------------------------- bf16 autocast
+def _step_losses(run: Path) -> list[float]:
+    lines = (run / "logs" / "steps.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    return [float(row.split(",")[head.index("loss")]) for row in lines[1:]]
+
+
+def test_bf16_autocast_run_tracks_fp32(sample_shards, tmp_path):
+    """train.precision=bf16 is torch autocast around the dense forward (DeepSpeed stays
+    fp32): the path a GPU run takes by default, run here on CPU with 2 processes. On the
+    same batches (dropout off) its per-step losses track an fp32 run's."""
+    same = ["model.dropout_prob=0.0", "model.embedding_drop_prob=0.0", "model.time_dropout_prob=0.0",
+            "train.epochs=1", "train.max_steps=3", "train.log_every_steps=1"]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        _ok(launch(run, TINY_PT, [*same, f"train.precision={precision}"]), f"{precision} run")
+        assert _metrics(run)["precision"] == precision
+        losses[precision] = _step_losses(run)
+    assert len(losses["fp32"]) == len(losses["bf16"]) == 3
+    for step, (a, b) in enumerate(zip(losses["fp32"], losses["bf16"], strict=True), 1):
+        assert abs(b - a) <= 1e-2 * abs(a), f"step {step}: bf16 loss {b} vs fp32 {a}"
+    assert losses["bf16"] != losses["fp32"]        # autocast did run: bf16 rounds differently
+
+
 # ---------------------------------------------------------------------- 1 vs 2 processes
 GLOBAL_BATCH, EQ_STEPS = 64, 4
 EQ_OVERRIDES = ["model.dropout_prob=0.0", "model.embedding_drop_prob=0.0", "model.time_dropout_prob=0.0",

@@ -118,6 +118,43 @@ def test_cpu_runs_the_reference(backend):
         assert torch.equal(kernels.fourier_filter(*fa), fourier_filter_ref(*fa))
 
 
+def _half_activations(args, n_act, dtype):
+    """The first ``n_act`` inputs (activations) in ``dtype``, parameters kept fp32: what
+    autocast hands the kernels."""
+    return tuple(a.to(dtype) if i < n_act else a for i, a in enumerate(args))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_computes_16bit_inputs_in_fp32(dtype):
+    """16-bit activations next to fp32 parameters: the reference runs in fp32 on the
+    up-cast values (torch.fft takes no bf16) and returns the first input's dtype."""
+    x, dt, A, B, C, D, bias = _half_activations(_ssd_args(L=9), 2, dtype)
+    B, C = B.to(dtype), C.to(dtype)
+    y = kernels.ssd(x, dt, A, B, C, D, bias, chunk_size=4)
+    up = [t.float() for t in (x, dt, A, B, C, D, bias)]
+    assert y.dtype == dtype
+    assert torch.equal(y, ssd_chunked_ref(*up, chunk_size=4).to(dtype))
+    d_t, d_v, *cls = _fourier_args()
+    d_t, d_v = d_t.to(dtype), d_v.to(dtype)
+    out = kernels.fourier_filter(d_t, d_v, *cls)
+    assert out.dtype == dtype
+    assert torch.equal(out, fourier_filter_ref(d_t.float(), d_v.float(), *cls).to(dtype))
+
+
+def test_autocast_is_off_inside_the_kernels():
+    """Under CPU bf16 autocast (train.precision: bf16) both ops compute exactly what they
+    compute without autocast: fp32 inputs give fp32 outputs, bit for bit."""
+    args = _ssd_args(L=9)
+    fa = _fourier_args()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.ssd(*args, chunk_size=4)
+        out = kernels.fourier_filter(*fa)
+        assert torch.is_autocast_enabled("cpu")
+    assert y.dtype == out.dtype == torch.float32
+    assert torch.equal(y, kernels.ssd(*args, chunk_size=4))
+    assert torch.equal(out, kernels.fourier_filter(*fa))
+
+
 def test_triton_on_cpu_without_interpreter_falls_back_once(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("MMM4REC_KERNELS", "triton")

@@ -213,6 +213,24 @@ def test_fusion_modes_and_id_term_train(fusion, use_id):
         assert model.tables.tables["id_text"].weight.grad.abs().sum() > 0
 
 
+def test_bf16_autocast_forward_and_backward():
+    """MMM4Rec under bf16 autocast (train.precision: bf16; CPU autocast here): the loss
+    tracks fp32 and every gradient is finite. The Fourier filter's torch.fft path takes
+    no bf16, so the dispatcher computes both ops in fp32 (tests/test_kernels_dispatch.py)."""
+    torch.manual_seed(0)
+    model = loud_time(with_features(MMM4Rec(tiny_cfg(max_len=20, chunk_size=8))))
+    batch = random_batch(model.config, b=8)
+    ref = model.calculate_loss(batch, "full")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.calculate_loss(batch, "full")
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+    assert loss.item() != ref.item()                     # bf16 matmuls did run
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 # --- losses ------------------------------------------------------------------------------------
 def test_chunked_full_softmax_equals_dense():
     torch.manual_seed(0)

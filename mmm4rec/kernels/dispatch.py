@@ -16,6 +16,12 @@ the kernels' limits, reported as :class:`UnsupportedShapeError` before anything
 launches) the call falls back to the reference and warns once per reason.
 ``"reference"`` always runs PyTorch.
 
+Precision (mixed-precision training calls these under ``torch.autocast``): both paths
+run with autocast switched off, on the dtypes they are given. The kernels take 16-bit
+activations next to fp32 parameters and compute in fp32; the reference computes in fp32
+whenever an input is 16-bit (``torch.fft`` takes no bf16, and the exp / cumsum of the
+scan want fp32). Either way the output has the dtype of the first input (x, d_t).
+
 Triton and the kernel modules are imported lazily, on the first call that needs them:
 importing this package never imports Triton.
 """
@@ -134,7 +140,34 @@ def resolve_backend(*tensors: torch.Tensor) -> str:
     return "triton"
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _to_fp32(a):
+    if isinstance(a, (tuple, list)):
+        return type(a)(_to_fp32(t) for t in a)
+    return a.float() if torch.is_tensor(a) and a.dtype in _HALF else a
+
+
+def _fp32_reference(ref_fn: Callable, args, tensors):
+    """The reference in fp32 when an input is 16-bit, cast back to the first input's dtype."""
+    if not any(t.dtype in _HALF for t in tensors):
+        return ref_fn(*args)
+    return ref_fn(*_to_fp32(args)).to(tensors[0].dtype)
+
+
 def _run(kernel: str, triton_fn: Callable[[], Callable], ref_fn: Callable, args, tensors):
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _dispatch(kernel, triton_fn, ref_fn, args, tensors)
+    return _dispatch(kernel, triton_fn, ref_fn, args, tensors)
+
+
+def _dispatch(kernel: str, triton_fn: Callable[[], Callable], reference: Callable, args, tensors):
+    def ref_fn(*a):
+        return _fp32_reference(reference, a, tensors)
+
     if resolve_backend(*tensors) == "reference":
         return ref_fn(*args)
     if not triton_importable():
