@@ -1,7 +1,7 @@
 # The README's two commands:
 #   make quickstart   set up ./.venv and run pretrain -> export -> fine-tune -> evaluate on CPU
 #   make test         set up ./.venv (+ test deps, Slurm, S3 server) and run the test suite
-.PHONY: setup setup-dev quickstart test test-fast bench
+.PHONY: setup setup-dev quickstart test test-fast lint bench
 PY := .venv/bin/python
 
 setup:
@@ -18,6 +18,9 @@ test: setup-dev
 
 test-fast: setup-dev
 	scripts/run_tests.sh -m "not slow"
+
+lint: setup-dev
+	$(PY) -m ruff check .
 
 bench: setup
 	$(PY) benchmarks/train_step.py

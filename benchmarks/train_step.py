@@ -60,7 +60,7 @@ def model_rows(args, g):
     for name, model in (("SASRec", sas), ("MMM4Rec", mm)):
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def step():
+        def step(opt=opt, model=model):
             opt.zero_grad(set_to_none=True)
             model.calculate_loss(batch, "full").backward()
             opt.step()
@@ -83,10 +83,11 @@ def ssd_rows(args, g):
         C = torch.randn(b, L, G, S, generator=g, requires_grad=True)
         D = torch.ones(H, requires_grad=True)
         bias = torch.zeros(H, requires_grad=True)
+        ins = (x, dt, A, B, C, D, bias)
         res = {}
-        for form, fn in (("quadratic", lambda: ssd_quadratic_ref(x, dt, A, B, C, D, bias)),
-                         ("chunked", lambda: ssd_chunked_ref(x, dt, A, B, C, D, bias, chunk_size=64))):
-            res[form] = b / timeit(lambda: fn().sum().backward(), args.repeats)
+        for form, fn in (("quadratic", ssd_quadratic_ref),
+                         ("chunked", lambda *a: ssd_chunked_ref(*a, chunk_size=64))):
+            res[form] = b / timeit(lambda fn=fn, ins=ins: fn(*ins).sum().backward(), args.repeats)
         rows.append((L, b, res["quadratic"], res["chunked"]))
     return rows
 

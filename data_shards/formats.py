@@ -287,7 +287,7 @@ def read_recbole(path: str | Path, name: str | None = None, bad: BadRecords | No
         known = [pick(a) for a in (_TITLE, _BRAND, _CATEGORIES, _DESCRIPTION)]
         rest = [j for j, t in enumerate(itypes) if j != key and j not in known and t.startswith("token")]
         catalogue = {}
-        for ln, parts in irows:
+        for _, parts in irows:
             catalogue[parts[key]] = item_text_from_fields(*[parts[j] if j is not None else None for j in known],
                                                           *[parts[j] for j in rest])
             items(parts[key])

@@ -63,7 +63,8 @@ class ItemTable:
             self.image = np.ascontiguousarray(self.image, dtype=np.float32)
             if self.image.ndim != 2 or self.image.shape[0] != r:
                 raise ValueError(f"ItemTable.image: expected [{r}, dim], got shape {self.image.shape}")
-        self.image_mask = np.zeros(r, dtype=bool) if self.image_mask is None else np.asarray(self.image_mask, dtype=bool)
+        self.image_mask = (np.zeros(r, dtype=bool) if self.image_mask is None
+                           else np.asarray(self.image_mask, dtype=bool))
         for name in ("text_mask", "image_mask"):
             m = getattr(self, name)
             if m.shape != (r,):

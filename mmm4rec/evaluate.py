@@ -1,7 +1,7 @@
 """Full-ranking evaluation in one process (dist/evaluation.py adds the all-reduce)."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

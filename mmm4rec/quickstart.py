@@ -162,7 +162,8 @@ def _run(args) -> int:
                             for label, m in metrics.items()}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
-    print(f"Test metrics of the best checkpoint (full ranking over all {metrics[next(iter(metrics))]['test']['count']:.0f}"
+    n_test = metrics[next(iter(metrics))]["test"]["count"]
+    print(f"Test metrics of the best checkpoint (full ranking over all {n_test:.0f}"
           f" test users' targets against every item; pretraining on office: best epoch "
           f"{pre_metrics['best_epoch']}, valid ndcg@10 {pre_metrics['best_valid']['ndcg@10']:.4f})")
     print(table)

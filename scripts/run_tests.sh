@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the whole test suite (what `make test` and CI call), in two pytest processes:
+# Run the whole test suite (what `make test` and CI call): ruff over the repo
+# ([tool.ruff] in pyproject.toml), then two pytest processes:
 #   1. everything but the Triton kernel tests
 #   2. the kernel tests with TRITON_INTERPRET=1 (set before triton is imported)
 # then print one combined closing line. Extra arguments go to both pytest runs.
@@ -16,6 +17,8 @@ shopt -s nullglob
 kernel_tests=(tests/test_kernels_*.py)
 ignore=()
 for f in "${kernel_tests[@]}"; do ignore+=(--ignore "$f"); done
+
+if $PY -m ruff check .; then rc0=0; else rc0=1; echo "lint: ruff found problems (ruff check --fix . mends the [*] ones)"; fi
 
 $PY -m pytest tests "${ignore[@]}" --junitxml "$OUT/main.xml" "$@"
 rc1=$?
@@ -38,4 +41,4 @@ PY
 # pytest exit 5 = no tests collected (e.g. a -m filter): not a failure of the suite
 [ $rc1 -eq 5 ] && rc1=0
 [ $rc2 -eq 5 ] && rc2=0
-exit $(( rc1 != 0 || rc2 != 0 ))
+exit $(( rc0 != 0 || rc1 != 0 || rc2 != 0 ))

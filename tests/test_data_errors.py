@@ -159,7 +159,8 @@ def test_truncated_or_corrupt_tar_names_the_shard(shards, tmp_path):
     with pytest.raises(ShardError, match=r"seq-00002\.tar: truncated or corrupt (tar|shard)"):
         list(SequenceLoader(str(d), "test", batch_size=64, num_workers=0, verify=False))
     shard.write_bytes(blob[:512 * 8])  # cut at a member boundary: fewer records than the manifest lists
-    with pytest.raises(ShardError, match=r"seq-00002\.tar: truncated or corrupt shard: \d+ records, the manifest says 400"):
+    with pytest.raises(ShardError,
+                       match=r"seq-00002\.tar: truncated or corrupt shard: \d+ records, the manifest says 400"):
         list(SequenceLoader(str(d), "test", batch_size=64, num_workers=0, verify=False))
     shard.write_bytes(b"\x00garbage" * 300)
     with pytest.raises(ShardError, match=r"seq-00002\.tar: truncated or corrupt tar"):

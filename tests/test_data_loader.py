@@ -111,7 +111,8 @@ def test_batches_follow_the_batch_contract(office_url):
 
 def test_unshuffled_single_worker_equals_reference_expansion(office_url):
     loader = SequenceLoader(office_url, "train", batch_size=64, max_len=20, num_workers=0, shuffle=False)
-    ref = [s for rec in iter_sequences(office_url) for s in expand(rec["user"], rec["items"], rec["times"], "train", 20)]
+    ref = [s for rec in iter_sequences(office_url)
+           for s in expand(rec["user"], rec["items"], rec["times"], "train", 20)]
     want = [collate(ref[i:i + 64], 20, pad_to=64) for i in range(0, len(ref), 64)]
     got = list(loader)
     assert len(got) == len(want)

@@ -214,8 +214,7 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("history", [False, True])
 def test_chunked_ranks_equal_one_matrix_ranks(history):
-    from mmm4rec.metrics import chunked_target_ranks
-    from mmm4rec.metrics import target_ranks
+    from mmm4rec.metrics import chunked_target_ranks, target_ranks
 
     g = torch.Generator().manual_seed(0)
     u, V = torch.randn(16, 8, generator=g), torch.randn(101, 8, generator=g)

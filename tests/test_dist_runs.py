@@ -134,7 +134,8 @@ def test_run_outputs_and_distributed_eval_equals_single_process(runs, name, stag
     load_experiment(run / "config.yaml")            # the resolved config is a valid experiment
     MMM4Rec.from_pretrained(run / "export")
     ckpts = Path(m["best_checkpoint"].removeprefix("file://")).parent
-    assert (ckpts / "latest").is_file() and (ckpts / m["best_checkpoint"].rsplit("/", 1)[1] / "checkpoint.json").is_file()
+    best = ckpts / m["best_checkpoint"].rsplit("/", 1)[1]
+    assert (ckpts / "latest").is_file() and (best / "checkpoint.json").is_file()
     single = evaluate_path(str(ckpts), None, "test")   # best checkpoint, plain model, one process
     for k, v in m["test"].items():
         assert single[k] == pytest.approx(v, abs=1e-9), k
@@ -157,7 +158,8 @@ def test_export_then_from_pretrained_gives_identical_scores(runs, tmp_path):
         assert mmm4rec_main(["export", str(runs[name]), str(out)]) == 0
         a, b = load_file(out / "model.safetensors"), load_file(runs[name] / "export" / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        assert json.loads((out / "config.json").read_text()) == json.loads((runs[name] / "export/config.json").read_text())
+        ours = json.loads((runs[name] / "export/config.json").read_text())
+        assert json.loads((out / "config.json").read_text()) == ours
 
     run = runs["pretrain"]
     table = load_item_table(table_url(run))

@@ -74,7 +74,8 @@ def test_shellcheck():
     sc = shutil.which("shellcheck")
     if sc is None:
         pytest.skip("shellcheck not installed (Debian: apt-get install shellcheck)")
-    p = subprocess.run([sc, "-x", *[str(SLURM / s) for s in SCRIPTS]], check=False, cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run([sc, "-x", *[str(SLURM / s) for s in SCRIPTS]], check=False, cwd=REPO,
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -95,7 +96,8 @@ def test_help_prints_usage_without_submitting(tmp_path, script, must_mention):
 
 
 def test_task_exec_sets_torch_env_from_slurm():
-    show = "import os; print(*(os.environ[k] for k in ('RANK','WORLD_SIZE','LOCAL_RANK','LOCAL_WORLD_SIZE','MASTER_ADDR','MASTER_PORT')))"
+    keys = "'RANK','WORLD_SIZE','LOCAL_RANK','LOCAL_WORLD_SIZE','MASTER_ADDR','MASTER_PORT'"
+    show = f"import os; print(*(os.environ[k] for k in ({keys})))"
     base = {"SLURM_NTASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "2(x2),4", "MASTER_ADDR": "node-a",
             "MASTER_PORT": "12345"}
     p = _bash([SLURM / "common.sh", "task-exec", sys.executable, "-c", show],

@@ -55,7 +55,7 @@ class SeqInput:
     target_time: torch.Tensor | None = None  # [b] float64
 
     @classmethod
-    def from_batch(cls, batch: dict, rows: dict[str, torch.Tensor]) -> "SeqInput":
+    def from_batch(cls, batch: dict, rows: dict[str, torch.Tensor]) -> SeqInput:
         return cls(rows, batch["item_seq"], batch["time_seq"], batch["item_seq_len"], batch.get("target_time"))
 
 
@@ -79,7 +79,7 @@ class ItemTables(nn.Module):
         return {name: emb(ids) for name, emb in self.tables.items()}
 
     @torch.no_grad()
-    def load_features(self, features: dict[str, "torch.Tensor"]) -> None:
+    def load_features(self, features: dict[str, torch.Tensor]) -> None:
         """Fill the frozen tables: ``features[name]`` is [num_rows, dim] (numpy or torch)."""
         for name, spec in self.specs.items():
             if spec.kind != "feature":
@@ -199,7 +199,7 @@ class SeqRecModel(nn.Module):
         (out / "config.json").write_text(json.dumps({"model_type": self.model_type, "config": cfg}, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> "SeqRecModel":
+    def from_pretrained(cls, path: str | Path, **overrides) -> SeqRecModel:
         """Load an export (``model.safetensors`` + ``config.json``); ``overrides`` set config
         fields for the new domain (``num_items``, ``use_id``, dropout ...)."""
         path = Path(path)

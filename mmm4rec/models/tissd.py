@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..kernels import ssd
 from ..kernels.ssd_ref import ssd_quadratic_ref
