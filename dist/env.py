@@ -35,8 +35,9 @@ def prepare_process_env() -> None:
     """Environment that must be set before DeepSpeed is imported.
 
     * ``DS_ACCELERATOR=cpu`` when there is no CUDA device (DeepSpeed then uses gloo),
-    * ``TORCH_EXTENSIONS_DIR`` under ``$MMM4REC_CACHE`` (default ``<repo>/.cache``) so
-      DeepSpeed's JIT-built shared-memory comm op (60-95 s on CPU) is built once,
+    * ``TORCH_EXTENSIONS_DIR`` under ``$MMM4REC_CACHE`` (default ``<repo>/.cache``), where
+      any op DeepSpeed JIT-builds is cached (none by default: the CPU shared-memory comm
+      op is skipped, see :func:`_skip_deepspeed_shm_op`),
     * a single-process run gets ``RANK=0 WORLD_SIZE=1`` and a free local port,
     * CPU threads: ``OMP_NUM_THREADS`` if set, else the cores split between the
       processes of this node.
@@ -117,6 +118,21 @@ class DistEnv:
         return out
 
 
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend from loading its shared-memory all-reduce op.
+
+    The op serves only ``inference_all_reduce`` (tensor-parallel inference), which
+    training never calls; every collective here goes through gloo either way. Loading it
+    costs 60-95 s of g++ on a machine's first start, and each rank maps a 66 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` segment that
+    DeepSpeed 0.19 never unlinks: RAM-backed memory lost per launch until reboot (this
+    project's test machine filled 20 GB of its 24 GB that way before we noticed). Marking
+    the op incompatible is the switch DeepSpeed itself reads (``build_shm_op``)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> DistEnv:
     """Initialise the default process group through DeepSpeed (env:// rendezvous)."""
     import deepspeed
@@ -134,6 +150,8 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if not tdist.is_initialized():
+        if backend == "gloo":
+            _skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    rank=rank, world_size=world)
     return DistEnv(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local_rank, device=device)

@@ -7,8 +7,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-# the venv first on PATH: its ninja builds DeepSpeed's shm op (a second ninja on PATH
-# would invalidate the cached build and rebuild it, ~90 s each time)
+# the venv first on PATH: Triton's compile check and any DeepSpeed JIT op use its tools
+# (two ninjas on PATH invalidate each other's cached builds)
 export PATH="$PWD/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

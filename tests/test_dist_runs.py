@@ -276,6 +276,8 @@ def test_bf16_autocast_run_tracks_fp32(sample_shards, tmp_path):
     same batches (dropout off) its per-step losses track an fp32 run's."""
     same = ["model.dropout_prob=0.0", "model.embedding_drop_prob=0.0", "model.time_dropout_prob=0.0",
             "train.epochs=1", "train.max_steps=3", "train.log_every_steps=1"]
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     losses = {}
     for precision in ("fp32", "bf16"):
         run = tmp_path / precision
@@ -286,6 +288,10 @@ def test_bf16_autocast_run_tracks_fp32(sample_shards, tmp_path):
     for step, (a, b) in enumerate(zip(losses["fp32"], losses["bf16"], strict=True), 1):
         assert abs(b - a) <= 1e-2 * abs(a), f"step {step}: bf16 loss {b} vs fp32 {a}"
     assert losses["bf16"] != losses["fp32"]        # autocast did run: bf16 rounds differently
+    # DeepSpeed's CPU shm all-reduce op is skipped (dist.env._skip_deepspeed_shm_op): it left
+    # a 66 MB RAM-backed segment per rank and launch in /dev/shm
+    leaked = (set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()) - before
+    assert not leaked, f"DeepSpeed shm segments left behind: {sorted(map(str, leaked))}"
 
 
 # ---------------------------------------------------------------------- 1 vs 2 processes
