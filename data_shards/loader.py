@@ -20,6 +20,11 @@ the epoch, so every rank and worker computes the same plan without talking):
    does not change between epochs). With ``drop_last`` every slot instead stops
    after the smallest full-batch count of that slot over the ranks.
 
+Resuming on another world size (same global batch): the epoch in progress keeps the
+layout it began with; each new rank reads the old ranks' batches its rows come from and
+takes its rows of the global batch (``_load_resharded``), so that the rest of the epoch
+is the same global batches, every sample exactly once. The next epoch uses the new layout.
+
 Resuming: the loader counts, per slot, the batches it has handed out.
 ``state_dict()`` saves them; after ``load_state_dict()`` each slot skips its first
 ``k * batch_size`` samples (whole chunks are skipped without being read), so the rest of
@@ -29,6 +34,7 @@ run's batch order exactly.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -116,6 +122,18 @@ class _SlotStream(IterableDataset):
             yield slot, batch
 
 
+class _ReshardedEpoch:
+    """The rest of an epoch begun by another layout: this rank's rows ``[offset, offset +
+    rows)`` of the concatenated batches of ``views`` (consecutive old ranks, in lockstep)."""
+
+    def __init__(self, views: list[SequenceLoader], offset: int, rows: int):
+        self.views, self.offset, self.rows = views, offset, rows
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for parts in zip(*self.views):
+            yield {k: torch.cat([p[k] for p in parts])[self.offset:self.offset + self.rows] for k in parts[0]}
+
+
 class SequenceLoader:
     """Iterable of batch dicts (``docs/architecture.md``) streamed from a shard set.
 
@@ -174,6 +192,15 @@ class SequenceLoader:
         self._counts = np.array([s["samples"][split] for s in self._shards], dtype=np.int64)
         self.num_samples = int(self._counts.sum())
         self.num_slots = max(self.num_workers, 1)
+        self._set_layout(self.rank, self.world_size, self.batch_size)
+        self._epoch = 0
+        self._consumed = [0] * self.num_slots
+        self._resumed = False
+        self._resharded: _ReshardedEpoch | None = None
+
+    def _set_layout(self, rank: int, world_size: int, batch_size: int) -> None:
+        """Place this loader at ``rank`` of ``world_size`` with ``batch_size`` rows per batch."""
+        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
         # [world_size, num_slots] samples of every slot of every rank (epoch-independent).
         rank_bounds = _ranges(self.num_samples, self.world_size)
         self._slot_samples = np.array([np.diff(_ranges(int(n), self.num_slots)) for n in np.diff(rank_bounds)])
@@ -182,9 +209,15 @@ class SequenceLoader:
             self._slot_batches_target = (per_slot // self.batch_size).min(axis=0)
         else:
             self._slot_batches_target = (-(-per_slot // self.batch_size)).max(axis=0)
-        self._epoch = 0
-        self._consumed = [0] * self.num_slots
-        self._resumed = False
+
+    def _view(self, rank: int, world_size: int, batch_size: int) -> SequenceLoader:
+        """The same loader (shards, settings, epoch) as rank ``rank`` of another layout."""
+        view = copy.copy(self)
+        view._set_layout(rank, world_size, batch_size)
+        view._consumed = [0] * view.num_slots
+        view._resumed = False
+        view._resharded = None
+        return view
 
     # ------------------------------------------------------------------ public
     @property
@@ -196,6 +229,9 @@ class SequenceLoader:
         return self.store.url
 
     def __len__(self) -> int:
+        """Batches per epoch; while finishing an epoch begun by another layout, that layout's."""
+        if self._resharded is not None:
+            return len(self._resharded.views[0])
         return int(self._slot_batches_target.sum())
 
     def set_epoch(self, epoch: int) -> None:
@@ -204,6 +240,7 @@ class SequenceLoader:
             self._epoch = int(epoch)
             self._consumed = [0] * self.num_slots
             self._resumed = False
+            self._resharded = None
 
     def _fingerprint(self) -> str:
         key = {"shards": [s["sha256"] for s in self._shards], "split": self.split, "batch_size": self.batch_size,
@@ -213,11 +250,23 @@ class SequenceLoader:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
-        """``{"epoch", "batches": [per slot], "fingerprint"}``: where this rank is in the epoch."""
-        return {"epoch": self._epoch, "batches": list(self._consumed), "fingerprint": self._fingerprint()}
+        """``{"epoch", "batches": [per slot], "fingerprint", "rank", "world_size", "batch_size"}``:
+        where this rank is in the epoch, and the layout (ranks x batch size) the epoch runs in."""
+        if self._resharded is not None:
+            return self._resharded.views[0].state_dict()
+        return {"epoch": self._epoch, "batches": list(self._consumed), "fingerprint": self._fingerprint(),
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state``; the next iteration yields exactly the rest of that epoch."""
+        """Continue from ``state``; the next iteration yields exactly the rest of that epoch.
+
+        ``state`` may come from another layout (world size and per-rank batch size) with
+        the same global batch: see :meth:`_load_resharded`.
+        """
+        layout = (int(state.get("world_size", self.world_size)), int(state.get("batch_size", self.batch_size)))
+        if layout != (self.world_size, self.batch_size):
+            self._load_resharded(state, *layout)
+            return
         if state.get("fingerprint") != self._fingerprint():
             raise ValueError("loader state was saved with different shards or loader settings (split, batch size, "
                              "max_len, rank, world size, workers, seed, shuffle); it cannot be resumed exactly")
@@ -227,8 +276,47 @@ class SequenceLoader:
         self._epoch = int(state["epoch"])
         self._consumed = batches
         self._resumed = True
+        self._resharded = None
+
+    def _load_resharded(self, state: Mapping[str, Any], world_size: int, batch_size: int) -> None:
+        """Finish an epoch that ``world_size`` ranks of ``batch_size`` rows began.
+
+        The epoch keeps the layout it began with, so that no sample is lost or repeated:
+        its global batch ``s`` is the concatenation of every old rank's batch ``s``
+        (``G = world_size * batch_size`` rows). Ranks step in lockstep, so one rank's
+        per-slot position is every rank's. This rank (of the new layout) takes rows
+        ``[rank * B, (rank + 1) * B)`` of each remaining global batch (``B`` its batch
+        size; ``G`` must equal ``world_size * B``), read through views of the old ranks
+        those rows come from. The next epoch uses this loader's own layout.
+        """
+        global_batch = world_size * batch_size
+        if global_batch != self.world_size * self.batch_size:
+            raise ValueError(f"loader state was saved by {world_size} ranks x {batch_size} rows (global batch "
+                             f"{global_batch}); this loader has {self.world_size} x {self.batch_size} = "
+                             f"{self.world_size * self.batch_size}: the global batch must stay the same to continue "
+                             f"the epoch (batch size {global_batch // self.world_size} per rank"
+                             + (")" if global_batch % self.world_size == 0 else
+                                f", which is not a whole number: {global_batch} rows cannot be split "
+                                f"over {self.world_size} ranks)"))
+        saved_rank = int(state.get("rank", -1))
+        if not 0 <= saved_rank < world_size:
+            raise ValueError(f"loader state names rank {saved_rank}, not one of the {world_size} that saved it")
+        if state.get("fingerprint") != self._view(saved_rank, world_size, batch_size)._fingerprint():
+            raise ValueError("loader state was saved with different shards or loader settings (split, max_len, "
+                             "workers, seed, shuffle); it cannot be resumed exactly")
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        views = []
+        for v in range(lo // batch_size, (hi - 1) // batch_size + 1):
+            view = self._view(v, world_size, batch_size)
+            view.load_state_dict({**state, "rank": v, "fingerprint": view._fingerprint()})
+            views.append(view)
+        self._resharded = _ReshardedEpoch(views, lo - views[0].rank * batch_size, self.batch_size)
+        self._epoch = int(state["epoch"])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._resharded is not None:
+            yield from self._resharded
+            return
         done = all(c >= t for c, t in zip(self._consumed, self._slot_batches_target))
         if done and not self._resumed:  # a finished epoch starts over
             self._consumed = [0] * self.num_slots

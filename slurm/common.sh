@@ -125,6 +125,8 @@ mmm4rec_task_exec() {
   export LOCAL_WORLD_SIZE=$local_size
   export LOCAL_SIZE=$local_size # DeepSpeed's CPU accelerator counts devices from it
   export GROUP_RANK=$SLURM_NODEID
+  # Where each rank runs (the multi-node tests read it from the job log).
+  mmm4rec_log "task rank $RANK/$WORLD_SIZE on host $(uname -n) (node index $SLURM_NODEID, local rank $LOCAL_RANK/$local_size)"
   exec "$@"
 }
 

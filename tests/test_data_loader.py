@@ -226,3 +226,83 @@ def test_config_drives_the_loader(office_url):
     train, test = SequenceLoader(cfg, "train"), SequenceLoader(cfg, "test")
     assert (train.batch_size, train.shuffle, test.batch_size, test.shuffle) == (32, True, 128, False)
     assert next(iter(train))["item_seq"].shape == (32, 5)
+
+
+# ----------------------------------------------------------------------------- resume on another world size
+
+def _global_batches(loaders):
+    """Global batch per step: the ranks' batches concatenated in rank order (lockstep)."""
+    for parts in zip(*loaders):
+        yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize("old,new,workers,stop_after", [
+    ((2, 50), (1, 100), 2, 7),     # 2 processes -> 1, same global batch of 100
+    ((1, 100), (2, 50), 2, 7),     # 1 -> 2
+    ((2, 50), (4, 25), 0, 5),      # 2 -> 4: each new rank takes half of an old rank's batch
+    ((4, 25), (2, 50), 3, 4),      # 4 -> 2
+])
+def test_resume_on_another_world_size_continues_the_global_batches(office_url, old, new, workers, stop_after):
+    kw = dict(KW, batch_size=None)
+
+    def ranks(world, batch):
+        out = [SequenceLoader(office_url, "train", rank=r, world_size=world, num_workers=workers, seed=3,
+                              **{**kw, "batch_size": batch}) for r in range(world)]
+        for loader in out:
+            loader.set_epoch(2)
+        return out
+
+    reference = list(_global_batches(ranks(*old)))
+    first = ranks(*old)
+    seen = []
+    for i, batch in enumerate(_global_batches(first)):
+        seen += sample_keys(batch)
+        if i + 1 == stop_after:
+            break
+    state = first[-1].state_dict()        # any rank's state: they step in lockstep
+    assert (state["world_size"], state["batch_size"], state["rank"]) == (*old, old[0] - 1)
+
+    resumed = ranks(*new)
+    for loader in resumed:
+        loader.load_state_dict(state)
+        assert len(loader) == len(reference)
+    rest = list(_global_batches(resumed))
+    # the rest of the epoch is the uninterrupted run's global batches, row for row
+    assert len(rest) == len(reference) - stop_after
+    for got, want in zip(rest, reference[stop_after:]):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    # every training sample of the epoch exactly once
+    keys = seen + [k for b in rest for k in sample_keys(b)]
+    assert collections.Counter(keys) == reference_keys(office_url, "train")
+    # a checkpoint taken mid-way names the old layout, and resumes again (here: back on the old one)
+    resumed2 = ranks(*new)
+    for loader in resumed2:
+        loader.load_state_dict(state)
+    it = iter(_global_batches(resumed2))
+    next(it)
+    mid = resumed2[0].state_dict()
+    assert (mid["world_size"], mid["batch_size"], sum(mid["batches"])) == (*old, stop_after + 1)
+    back = ranks(*old)
+    for loader in back:
+        loader.load_state_dict({**mid, "rank": loader.rank,
+                                "fingerprint": loader._fingerprint()} if loader.rank != mid["rank"] else mid)
+    assert all(torch.equal(a["user"], b["user"])
+               for a, b in zip(_global_batches(back), reference[stop_after + 1:]))
+    # the next epoch runs in the new layout
+    for loader in resumed:
+        loader.set_epoch(3)
+        assert (loader.world_size, loader.batch_size) == new
+    nxt = [k for b in _global_batches(resumed) for k in sample_keys(b)]
+    assert collections.Counter(nxt) == reference_keys(office_url, "train")
+
+
+def test_resume_on_another_world_size_needs_the_same_global_batch(office_url):
+    state = SequenceLoader(office_url, "train", rank=1, world_size=2, num_workers=0, **KW).state_dict()
+    other = SequenceLoader(office_url, "train", rank=0, world_size=1, num_workers=0, **KW)  # 1 x 50 != 2 x 50
+    with pytest.raises(ValueError, match="global batch must stay the same.*batch size 100 per rank"):
+        other.load_state_dict(state)
+    three = SequenceLoader(office_url, "train", rank=0, world_size=3, num_workers=0, **{**KW, "batch_size": 33})
+    with pytest.raises(ValueError, match="not a whole number"):
+        three.load_state_dict(state)

@@ -1,6 +1,6 @@
-"""slurm/*.sh against a real single-node Slurm cluster (tests/slurm_cluster.py).
+"""slurm/*.sh against real Slurm clusters (tests/slurm_cluster.py).
 
-Two groups:
+Three groups:
 
 * quick checks of the scripts that need only bash (usage, syntax, the per-task
   env:// variables, the head-node and port rules);
@@ -8,6 +8,9 @@ Two groups:
   ``slurmctld``/``slurmd`` started by the ``slurm_cluster`` fixture, training
   ``dist/train.py`` on CPU with 2 tasks and the tiny configs
   (configs/tiny_pretrain.yaml, configs/tiny_finetune.yaml).
+* ``two_nodes``: the same scripts on a two-node cluster (``slurm_two_nodes``: each
+  ``slurmd`` in its own network namespace, with its own host name and address),
+  one task per node, gloo over the namespaces' interfaces.
 
 Only a missing Slurm binary skips (the fixture names it).
 """
@@ -17,16 +20,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 try:  # tests/ on sys.path (no tests/__init__.py) ...
-    from slurm_cluster import SlurmCluster, slurm_cluster  # the fixture
+    from slurm_cluster import SlurmCluster, slurm_cluster, slurm_two_nodes  # noqa: F401  (the fixtures)
 except ModuleNotFoundError:  # ... or tests/ as a package
-    from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+    from tests.slurm_cluster import SlurmCluster, slurm_cluster, slurm_two_nodes  # noqa: F401  (the fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
@@ -389,3 +394,138 @@ def test_transfer_does_not_finetune_after_failed_pretrain(slurm_cluster, tmp_pat
     assert res_fine.state == "CANCELLED" and res_fine.reason == "DependencyNeverSatisfied", res_fine
     assert res_fine.fields.get("RunTime") == "00:00:00", res_fine.fields
     assert not (run_dir / "finetune" / "export").exists()
+
+
+# ---------------------------------------------------------- two-node cluster
+KILL_TO_FAILED_LIMIT = 90.0   # seconds from SIGKILL of one rank to the job's FAILED state
+
+
+def _rank_hosts(log: str) -> dict[int, str]:
+    """{rank: host} from the per-task lines slurm/common.sh task-exec logs."""
+    found = re.findall(r"task rank (\d+)/\d+ on host (\S+) ", log)
+    return {int(r): h for r, h in found}
+
+
+def _assert_one_rank_per_node(cluster: SlurmCluster, log: str) -> None:
+    hosts = _rank_hosts(log)
+    names = [n.name for n in cluster.nodes]
+    assert hosts == {0: names[0], 1: names[1]}, f"ranks ran on {hosts}, expected one per node {names}\n{log[-4000:]}"
+
+
+def _two_node_opts(tmp_path: Path) -> list[str]:
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    return ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
+            f"--output={tmp_path}/logs/%x-%j.out"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_pretrain_one_rank_per_node(slurm_two_nodes, tmp_path):
+    _require_training_entry_point()
+    cluster = slurm_two_nodes
+    out = tmp_path / "pretrain"
+    env = {**_job_env(tmp_path), "CONFIG": TINY_PRETRAIN, "OUTPUT_DIR": str(out)}
+    job = cluster.sbatch([*_two_node_opts(tmp_path), "slurm/pretrain.sh", *SHORT.split()], env=env, cwd=REPO)
+    res = cluster.wait(job, timeout=JOB_TIMEOUT)
+    _assert_completed(res, "two-node pretrain")
+    _assert_run_outputs(out)
+    log = res.log()
+    # The rendezvous host is the first node by its name, which resolves to its namespace address.
+    assert f"master={cluster.nodes[0].name}:{10000 + int(job) % 20000}" in log, log[-4000:]
+    assert "device=cpu launcher=srun tasks=2" in log, log[-4000:]
+    _assert_one_rank_per_node(cluster, log)
+    assert "world 2 (gloo, cpu)" in log, log[-4000:]
+    assert res.fields.get("NodeList") and res.fields.get("NumNodes") == "2", res.fields
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_nodes_transfer_chains_finetune_on_the_export(slurm_two_nodes, tmp_path):
+    _require_training_entry_point()
+    cluster = slurm_two_nodes
+    run_dir = tmp_path / "run"
+    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
+           "FINETUNE_CONFIG": TINY_FINETUNE, "NODES": "2", "TASKS_PER_NODE": "1", "CPUS_PER_TASK": "1",
+           "TIME": "10", "PRETRAIN_EXTRA_ARGS": SHORT, "FINETUNE_EXTRA_ARGS": SHORT}
+    p = cluster.run(["bash", str(SLURM / "transfer.sh")], env=env, cwd=REPO)
+    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    pre, fine = ids["PRETRAIN_JOB_ID"], ids["FINETUNE_JOB_ID"]
+    assert cluster.show_job(fine)["Dependency"].startswith(f"afterok:{pre}")
+    res_pre = cluster.wait(pre, timeout=JOB_TIMEOUT)
+    _assert_completed(res_pre, "two-node transfer: pretrain")
+    res_fine = cluster.wait(fine, timeout=JOB_TIMEOUT)
+    _assert_completed(res_fine, "two-node transfer: finetune")
+    _assert_run_outputs(run_dir / "pretrain")
+    _assert_run_outputs(run_dir / "finetune")
+    for res in (res_pre, res_fine):
+        assert res.fields.get("NumNodes") == "2", res.fields
+        _assert_one_rank_per_node(cluster, res.log())
+    export = run_dir / "pretrain" / "export"
+    log = res_fine.log()
+    assert f"--set train.init_from={export}" in log, log[-4000:]
+    assert f"initialised the dense weights from {export}" in log, log[-4000:]
+
+
+def _find_rank_process(job_id: str, rank: int) -> int | None:
+    """pid of the training process of ``rank`` in ``job_id`` (the namespaces share the pid space)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (b"dist/train.py" in cmdline and f"SLURM_JOB_ID={job_id}".encode() in environ
+                and f"RANK={rank}".encode() in environ):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_killed_rank_fails_the_job_and_cancels_finetune(slurm_two_nodes, tmp_path):
+    _require_training_entry_point()
+    cluster = slurm_two_nodes
+    run_dir = tmp_path / "run"
+    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
+           "FINETUNE_CONFIG": TINY_FINETUNE, "NODES": "2", "TASKS_PER_NODE": "1", "CPUS_PER_TASK": "1",
+           "TIME": "10", "PRETRAIN_EXTRA_ARGS": "--set train.epochs=50"}   # far longer than the test waits
+    p = cluster.run(["bash", str(SLURM / "transfer.sh")], env=env, cwd=REPO)
+    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    pre, fine = ids["PRETRAIN_JOB_ID"], ids["FINETUNE_JOB_ID"]
+    # Wait until training runs on both nodes (the process group is up: rank 0 announced the world).
+    deadline = time.monotonic() + JOB_TIMEOUT
+    log_path = tmp_path / "logs" / f"mmm4rec-pretrain-{pre}.out"
+    while time.monotonic() < deadline:
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if "world 2 (gloo, cpu)" in log:
+            break
+        state = cluster.show_job(pre).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"pretrain ended {state} before the kill\n{log[-4000:]}"
+        time.sleep(1)
+    else:
+        pytest.fail(f"pretraining did not start within {JOB_TIMEOUT:.0f}s\n{log[-4000:]}")
+    _assert_one_rank_per_node(cluster, log)
+    pid = _find_rank_process(pre, 1)
+    assert pid is not None, "no training process of rank 1 found"
+    # the process killed is on the second node: its UTS namespace carries that node's host name
+    host = subprocess.run(["nsenter", "-t", str(pid), "--uts", "hostname"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    assert host == cluster.nodes[1].name, host
+    t_kill = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    res_pre = cluster.wait(pre, timeout=KILL_TO_FAILED_LIMIT, poll=0.5)
+    took = time.monotonic() - t_kill
+    log = res_pre.log()
+    assert res_pre.state == "FAILED" and res_pre.exit_code != 0, (res_pre, log[-4000:])
+    assert "training FAILED with exit code" in log, log[-4000:]
+    print(f"killed rank 1 (pid {pid}) on {cluster.nodes[1].name}: job {pre} FAILED after {took:.1f}s")
+    assert took < KILL_TO_FAILED_LIMIT
+    res_fine = cluster.wait(fine, timeout=60)
+    assert res_fine.state == "CANCELLED" and res_fine.reason == "DependencyNeverSatisfied", res_fine
+    assert res_fine.fields.get("RunTime") == "00:00:00", res_fine.fields
+    assert not (run_dir / "pretrain" / "export").exists()
