@@ -32,6 +32,7 @@ from .config import ExperimentConfig, zero_stage
 from .env import init_distributed, rng_isolated, rng_state, set_rng_state
 from .evaluation import evaluate
 from .monitor import Monitor
+from .reshard import check_same_model, check_world_size_change, load_dense_resharded, resharded_rank_state
 
 __all__ = ["run", "Trainer", "TrainerState"]
 
@@ -107,26 +108,38 @@ class Trainer:
         env = self.env
         with self.store.open(tag) as ck:
             saved = ck.state
-            if saved["world_size"] != env.world_size:
-                raise ConfigError(f"--resume: {self.store.describe(tag)} was written by {saved['world_size']} "
-                                  f"processes; resume it with {saved['world_size']} (this run has {env.world_size})")
             if saved["zero_stage"] != self.meta["zero_stage"]:
                 raise ConfigError(f"--resume: {self.store.describe(tag)} used ZeRO stage {saved['zero_stage']}, "
                                   f"the config says {self.meta['zero_stage']}")
-            with safe_torch_load():
-                path, _ = self.model.engine.load_checkpoint(str(ck.path), tag=ENGINE_TAG)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load {ck.engine_dir}")
+            check_same_model(ck, self.store.describe(tag), self.meta)
+            resharding = saved["world_size"] != env.world_size     # dist/reshard.py
+            if resharding:
+                check_world_size_change(ck, self.store.describe(tag), self.cfg, self.meta, env.world_size)
+                load_dense_resharded(self.model.engine, ck)
+                rank_meta, rank_tensors = resharded_rank_state(ck, env.rank)
+            else:
+                with safe_torch_load():
+                    path, _ = self.model.engine.load_checkpoint(str(ck.path), tag=ENGINE_TAG)
+                if path is None:
+                    raise RuntimeError(f"DeepSpeed could not load {ck.engine_dir}")
+                rank_meta, rank_tensors = ck.rank_state(env.rank)
             files, metas = ck.rank_files()
             self.model.tables.load_state(ShardReader(files, metas), load_optimizer=True)
-            rank_meta, rank_tensors = ck.rank_state(env.rank)
         fields = {f.name for f in dataclasses.fields(TrainerState)}
         self.state = TrainerState(**{k: v for k, v in saved.items() if k in fields})
         loader = self.loaders["train"]
         loader.set_epoch(self.state.epoch)
         if self.state.epoch_step:
-            loader.load_state_dict(rank_meta["loader"])
-        set_rng_state(rank_meta["rng"], rank_tensors)
+            loader.load_state_dict(rank_meta["loader"])   # another world size: the epoch keeps its old layout
+            steps = len(loader) // self.cfg.train.gradient_accumulation_steps
+            steps = min(steps, self.cfg.train.steps_per_epoch or steps)
+            if steps != self.steps_per_epoch:
+                raise ConfigError(f"--resume: {self.store.describe(tag)}: the epoch in progress has {steps} steps "
+                                  f"as {saved['world_size']} processes cut it, {self.steps_per_epoch} as "
+                                  f"{env.world_size} do; set train.steps_per_epoch to at most "
+                                  f"{min(steps, self.steps_per_epoch)} to change the number of processes mid-epoch")
+        if rank_tensors is not None:
+            set_rng_state(rank_meta["rng"], rank_tensors)
         self.state.epoch_loss = list(rank_meta["epoch_loss"])        # per rank, not rank 0's
         self._log_loss = torch.tensor(rank_meta["log_loss"], dtype=torch.float64)
         self.sync_table_lr()

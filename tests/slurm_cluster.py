@@ -388,7 +388,7 @@ class NamespaceNetwork:
 
     def __init__(self, root: Path, count: int):
         self.root = root
-        self.tag = "%06x" % random.randrange(16 ** 6)
+        self.tag = f"{random.randrange(16 ** 6):06x}"
         self.bridge = f"m4rb{self.tag}"
         self.ns = [f"m4r{self.tag}n{i + 1}" for i in range(count)]
         self.veths = [f"m4r{self.tag}h{i + 1}" for i in range(count)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -375,6 +376,90 @@ def test_same_global_batch_on_one_and_two_processes(sample_shards, tmp_path):
         assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), (k, (w1[k] - w2[k]).abs().max())
     for k, v in one["valid"].items():                     # distributed evaluation == one process
         assert two["valid"][k] == pytest.approx(v, abs=1e-6), k
+
+
+# ---------------------------------------------------------------------- another world size
+WS_OVERRIDES = ["model.dropout_prob=0.0", "model.embedding_drop_prob=0.0", "model.time_dropout_prob=0.0",
+                "model.use_id=true", "train.deepspeed=zero2", "train.epochs=1", "train.steps_per_epoch=0",
+                "train.log_every_steps=1", "checkpoint.every_steps=5", "checkpoint.keep_last=10", "eval.test=false"]
+WS_GLOBAL_BATCH, WS_SWITCH = 512, "step_00000005"
+
+
+def _continue_from(src: Path, tag: str, out: Path) -> None:
+    """A fresh run directory whose only checkpoint is ``src``'s ``tag`` (as if it had stopped there)."""
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / tag, out / "checkpoints" / tag)
+    (out / "checkpoints" / "latest").write_text(tag)
+
+
+def _final_state(run: Path) -> dict:
+    return json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "checkpoint.json")
+                      .read_text())
+
+
+def test_resume_on_another_world_size_continues_the_same_run(sample_shards, tmp_path):
+    """N steps (a whole epoch, 22 steps of 512 rows) on 2 processes, against 2 processes
+    for 5 steps then 1 process to the end (and 1 -> 2), same global batch: per-step losses
+    equal within float tolerance, the epoch's samples all seen once, the same weights.
+    Dense NAdam state (ZeRO 2 partitions), the ID table + its Adagrad state (row-wise
+    sharded) and the loader position are all carried over."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for n in (2, 1):
+        run = tmp_path / f"ref{n}"
+        _ok(launch(run, TINY_FT, [*WS_OVERRIDES, f"data.batch_size={WS_GLOBAL_BATCH // n}"], nproc=n), f"{n} procs")
+        runs[n] = run
+    for old, new in ((2, 1), (1, 2)):
+        out = tmp_path / f"switch{old}to{new}"
+        _continue_from(runs[old], WS_SWITCH, out)
+        _ok(launch(out, TINY_FT, [*WS_OVERRIDES, f"data.batch_size={WS_GLOBAL_BATCH // new}"], nproc=new,
+                   resume=True), f"{old} -> {new} procs")
+        log = (out / "launch.log").read_text()
+        assert f"resumed from {out / 'checkpoints' / WS_SWITCH}: epoch 1, step 5" in log, log[-3000:]
+        assert f"world {new} (gloo, cpu)" in log
+        ref, got = _step_losses(runs[old]), _step_losses(out)
+        assert len(ref) == 22 and len(got) == 22 - 5, (len(ref), len(got))
+        worst = max(abs(a - b) for a, b in zip(ref[5:], got, strict=True))
+        print(f"{old} -> {new} processes: largest per-step loss difference {worst:.2e} over {len(got)} steps")
+        assert got == pytest.approx(ref[5:], rel=1e-5, abs=1e-6)
+        # the epoch's loss (over every sample of the epoch, summed across ranks) and its count
+        st_ref, st_got = _final_state(runs[old]), _final_state(out)
+        assert st_got["samples"] == st_ref["samples"] == num_samples_of_epoch(sample_shards)
+        assert st_got["history"][0]["train_loss"] == pytest.approx(st_ref["history"][0]["train_loss"], rel=1e-6)
+        assert st_got["history"][0]["valid/ndcg@10"] == pytest.approx(st_ref["history"][0]["valid/ndcg@10"],
+                                                                        abs=1e-4)
+        a, b = load_file(runs[old] / "export/model.safetensors"), load_file(out / "export/model.safetensors")
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+def num_samples_of_epoch(sample_shards) -> int:
+    from data_shards import SequenceLoader
+
+    return SequenceLoader(sample_shards["scientific_mm"], "train", batch_size=1, num_workers=0).num_samples
+
+
+def test_resume_on_another_world_size_refuses_what_cannot_change(sample_shards, tmp_path):
+    src = tmp_path / "src"
+    _ok(launch(src, TINY_FT, [*WS_OVERRIDES, "data.batch_size=64", "train.steps_per_epoch=5",
+                              "checkpoint.every_steps=2"], nproc=2), "2 procs")
+    cases = [
+        (["data.batch_size=64"], "global batch 128); this run has 1 x 64 x 1 = 64",
+         "set data.batch_size=128"),
+        (["data.batch_size=128", "model.hidden_size=64"], "the model cannot change on resume",
+         "hidden_size: 32 -> 64"),
+        (["data.batch_size=128", "train.deepspeed=zero3"], "used ZeRO stage 2, the config says 3", None),
+    ]
+    for i, (overrides, *needles) in enumerate(cases):
+        out = tmp_path / f"bad{i}"
+        _continue_from(src, "step_00000002", out)
+        sets = [*WS_OVERRIDES, "train.steps_per_epoch=5", *overrides]
+        rc, text = launch(out, TINY_FT, sets, nproc=1, resume=True)
+        assert rc == 2, (overrides, text[-3000:])
+        for needle in filter(None, needles):
+            assert needle in text, (needle, text[-3000:])
 
 
 if __name__ == "__main__":

@@ -436,7 +436,21 @@ def test_two_nodes_pretrain_one_rank_per_node(slurm_two_nodes, tmp_path):
     assert "device=cpu launcher=srun tasks=2" in log, log[-4000:]
     _assert_one_rank_per_node(cluster, log)
     assert "world 2 (gloo, cpu)" in log, log[-4000:]
-    assert res.fields.get("NodeList") and res.fields.get("NumNodes") == "2", res.fields
+    assert res.fields.get("NumNodes") == "2", res.fields
+
+    # 2 nodes -> 1 node: the run continues (a second epoch) on one node with the same global
+    # batch (2 x 128 rows -> 1 x 256); RESUME=auto passes --resume.
+    opts = [o for o in _two_node_opts(tmp_path) if not o.startswith(("--nodes", "--ntasks-per-node"))]
+    job = cluster.sbatch([*opts, "--nodes=1", "--ntasks-per-node=1", "slurm/pretrain.sh",
+                          *SHORT.replace("train.epochs=1", "train.epochs=2").split(), "--set", "data.batch_size=256"],
+                         env=env, cwd=REPO)
+    res = cluster.wait(job, timeout=JOB_TIMEOUT)
+    _assert_completed(res, "pretrain resumed on one node")
+    log = res.log()
+    assert f"resumed from {out / 'checkpoints' / 'step_00000004'}: epoch 2, step 4" in log, log[-4000:]
+    assert "world 1 (gloo, cpu)" in log and _rank_hosts(log) == {0: cluster.nodes[0].name}, log[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["steps"], metrics["epochs_run"], metrics["world_size"]) == (8, 2, 1), metrics
 
 
 @pytest.mark.slurm
