@@ -267,7 +267,11 @@ class SequenceLoader:
         if layout != (self.world_size, self.batch_size):
             self._load_resharded(state, *layout)
             return
-        if state.get("fingerprint") != self._fingerprint():
+        # Ranks step in lockstep (every rank yields the same batches per slot), so another
+        # rank's state of the same layout places this rank too.
+        saved_rank = int(state.get("rank", self.rank))
+        ref = self if saved_rank == self.rank else self._view(saved_rank, self.world_size, self.batch_size)
+        if not 0 <= saved_rank < self.world_size or state.get("fingerprint") != ref._fingerprint():
             raise ValueError("loader state was saved with different shards or loader settings (split, batch size, "
                              "max_len, rank, world size, workers, seed, shuffle); it cannot be resumed exactly")
         batches = [int(b) for b in state["batches"]]
@@ -298,17 +302,13 @@ class SequenceLoader:
                              + (")" if global_batch % self.world_size == 0 else
                                 f", which is not a whole number: {global_batch} rows cannot be split "
                                 f"over {self.world_size} ranks)"))
-        saved_rank = int(state.get("rank", -1))
-        if not 0 <= saved_rank < world_size:
-            raise ValueError(f"loader state names rank {saved_rank}, not one of the {world_size} that saved it")
-        if state.get("fingerprint") != self._view(saved_rank, world_size, batch_size)._fingerprint():
-            raise ValueError("loader state was saved with different shards or loader settings (split, max_len, "
-                             "workers, seed, shuffle); it cannot be resumed exactly")
+        if "rank" not in state:
+            raise ValueError("loader state names no rank: it predates resuming on another world size")
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         views = []
         for v in range(lo // batch_size, (hi - 1) // batch_size + 1):
             view = self._view(v, world_size, batch_size)
-            view.load_state_dict({**state, "rank": v, "fingerprint": view._fingerprint()})
+            view.load_state_dict(state)     # checks the settings; any old rank's position is every rank's
             views.append(view)
         self._resharded = _ReshardedEpoch(views, lo - views[0].rank * batch_size, self.batch_size)
         self._epoch = int(state["epoch"])

@@ -3,7 +3,7 @@
 #
 #   scripts/setup.sh            runtime deps + the package (quickstart)
 #   scripts/setup.sh --dev      + test deps, moto S3 server, mamba-ssm's Triton sources,
-#                               Slurm/munge (Debian)
+#                               Slurm/munge/iproute2 (Debian)
 #
 # Install order matters on a CPU machine (docs/install.md):
 #   1. torch 2.13.0 CPU build first; a constraints file pins it for every later step
@@ -56,12 +56,12 @@ PY
   rm -f "$VENV"/.mmm4rec-setup-*
   touch "$STAMP"
 fi
-if [ "$DEV" = 1 ] && ! { command -v slurmctld && command -v shellcheck; } >/dev/null 2>&1; then
+if [ "$DEV" = 1 ] && ! { command -v slurmctld && command -v munged && command -v shellcheck && command -v ip; } >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[setup] Slurm, munge and shellcheck from Debian packages"
+    echo "[setup] Slurm, munge, shellcheck and iproute2 (two-node Slurm tests) from Debian packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge shellcheck >/dev/null
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge shellcheck iproute2 >/dev/null
   else
     echo "[setup] not root or no apt-get: Slurm tests will skip (install slurm-wlm and munge yourself)" >&2
   fi

@@ -1,4 +1,4 @@
-"""A real single-node Slurm cluster for tests, on loopback only.
+"""Real Slurm clusters for tests: one node on loopback, or two nodes in network namespaces.
 
 ``slurm_cluster`` (session fixture) starts ``slurmctld`` and ``slurmd`` from the
 Debian ``slurm-wlm`` package with every state, spool, log and pid file under a
@@ -20,9 +20,17 @@ derive from them do not collide between test sessions sharing a machine.
 Accounting is off, so there is no ``sacct``: :meth:`SlurmCluster.wait` polls
 ``scontrol show job``; ``MinJobAge=3600`` keeps finished jobs visible to it.
 
-Only a missing Slurm binary skips (with the binary named); any other failure to
-start the cluster is an error whose message carries the daemons' log tails.
-Every daemon is stopped by its own pid afterwards.
+``slurm_two_nodes`` (session fixture): the same daemons as a two-node cluster on this
+machine. Each ``slurmd`` runs in its own network namespace (a veth pair to a bridge the
+fixture creates on an unused private 10.x.y.0/24), under its own host name, with a
+private ``/etc/hosts`` naming the controller and both nodes (:class:`NamespaceNetwork`);
+authentication is ``auth/munge`` through a private ``munged`` (:class:`Munge`). It skips,
+saying why, where network namespaces are not permitted.
+
+Only a missing Slurm binary (or, for two nodes, munge or namespaces) skips, with the
+reason named; any other failure to start the cluster is an error whose message carries
+the daemons' log tails. Every daemon is stopped by its own pid afterwards, and the
+namespaces, veths and bridge are deleted.
 """
 from __future__ import annotations
 
@@ -132,7 +140,8 @@ class JobResult:
 
 
 class SlurmCluster:
-    """A running single-node cluster. Use :attr:`env` for every Slurm client call."""
+    """A running cluster: one node on loopback by default, or the ``nodes`` given (each
+    started through its ``launch`` prefix). Use :attr:`env` for every Slurm client call."""
 
     def __init__(self, root: Path, binaries: Mapping[str, str], *, nodes: Sequence[NodeSpec] | None = None,
                  ctld: NodeSpec | None = None, munge_socket: Path | None = None):
@@ -205,7 +214,7 @@ InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
 StateSaveLocation={self.state_dir}
-SlurmdSpoolDir={self.spool_dir}
+SlurmdSpoolDir={self.spool_dir}/%n
 SlurmctldPidFile={self.run_dir}/slurmctld.pid
 SlurmdPidFile={self.run_dir}/slurmd-%n.pid
 SlurmctldLogFile={self.ctld_log}
