@@ -16,8 +16,11 @@ from mmm4rec.config import ConfigError
 
 from .config import (
     ExperimentConfig,
+    check_deepspeed_schema,
+    deepspeed_overlap,
     finalize_deepspeed_config,
     load_deepspeed_config,
+    report_overlap,
     resolve_model_config,
 )
 
@@ -85,11 +88,23 @@ def resolve_data_url(cfg: ExperimentConfig, env) -> str:
 
 
 # ---------------------------------------------------------------------- building
-def preflight(cfg: ExperimentConfig, config_file: str | None) -> dict:
-    """Checks that need no processes; returns the experiment's DeepSpeed JSON."""
-    _, ds_json = load_deepspeed_config(cfg, config_file)
+def preflight(cfg: ExperimentConfig, config_file: str | None, world_size: int | None = None,
+              announce: bool = True) -> dict:
+    """Checks that need no processes; returns the experiment's DeepSpeed JSON. Where the
+    JSON overlaps the experiment YAML, the YAML wins and rank 0 prints each differing key
+    (``announce``); the finalized config is checked by DeepSpeed's own config classes."""
+    import os
+
+    path, ds_json = load_deepspeed_config(cfg, config_file)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    check_deepspeed_schema(finalize_deepspeed_config(ds_json, cfg, world), path)
+    if announce and os.environ.get("RANK", "0") == "0" and not os.environ.get("MMM4REC_DS_OVERLAP_SHOWN"):
+        report_overlap(path, deepspeed_overlap(ds_json, cfg, world))
     if cfg.train.init_from:
         read_export_header(cfg.train.init_from)
+    from .trackers import check_trackers
+
+    check_trackers(cfg.trackers)
     if cfg.tables.optimizer == "adam" and not torch.cuda.is_available():
         raise ConfigError("tables.optimizer: adam runs only on GPU (fbgemm's CPU kernels implement adagrad, "
                           "rowwise_adagrad and sgd); choose one of those on CPU")

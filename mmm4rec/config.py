@@ -28,7 +28,10 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "save_yaml", "apply_overrides"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "save_yaml", "apply_overrides", "redact_secrets"]
+
+#: keys whose values are credentials (storage sections: ``data.storage``, ``checkpoint.storage``)
+SECRET_KEYS = frozenset({"key", "secret", "token", "password", "api_key"})
 
 
 class ConfigError(ValueError):
@@ -142,6 +145,23 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def redact_secrets(mapping: Any, _parent: str = "") -> Any:
+    """A copy of a config mapping (or dataclass) with credentials replaced by ``"***"``:
+    the values of ``SECRET_KEYS`` inside any ``storage`` section, and any ``*_token`` /
+    ``*_secret`` key. What ``--print-config`` and the trackers show."""
+    if dataclasses.is_dataclass(mapping):
+        mapping = to_dict(mapping)
+    if isinstance(mapping, Mapping):
+        out = {}
+        for k, v in mapping.items():
+            secret = (_parent == "storage" and k in SECRET_KEYS) or str(k).endswith(("_token", "_secret"))
+            out[k] = "***" if secret and v not in (None, "") else redact_secrets(v, str(k))
+        return out
+    if isinstance(mapping, (list, tuple)):
+        return [redact_secrets(v, _parent) for v in mapping]
+    return mapping
 
 
 def _parse_scalar(text: str) -> Any:
