@@ -100,7 +100,9 @@ def _train(args) -> int:
     launcher = "none" if nproc == 1 and args.launcher == "auto" else \
         ("deepspeed" if args.launcher == "auto" else args.launcher)
     cmd = launcher_command(nproc, train_args, launcher, args.master_port)
-    print("[mmm4rec] " + " ".join(cmd), file=sys.stderr, flush=True)
+    from mmm4rec.config import redact_argv
+
+    print("[mmm4rec] " + " ".join(redact_argv(cmd)), file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
 

@@ -90,13 +90,14 @@ def _table_plan(packed, cfg: ExperimentConfig, world_size: int, device) -> list[
     from .tables import table_planner
 
     env = SimpleNamespace(world_size=world_size, device=device)
-    root, sharders, planner = table_planner(packed, cfg.tables, env)
     planner_log = logging.getLogger("torchrec.distributed.planner")
     level = planner_log.level
     planner_log.setLevel(logging.ERROR)   # its dry-run caveat is about dense tensors, which it does not plan here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            root, sharders, planner = table_planner(packed, cfg.tables, env)
             plan = planner.plan(root, sharders)
     finally:
         planner_log.setLevel(level)

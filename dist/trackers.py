@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
-from mmm4rec.config import ConfigError
+from mmm4rec.config import ConfigError, redact_argv
 
 __all__ = ["check_trackers", "open_trackers", "WandbTracker", "MlflowTracker"]
 
@@ -51,9 +52,16 @@ class WandbTracker:
         d.mkdir(parents=True, exist_ok=True)
         id_file = _run_id_file(output_dir, "wandb")
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(d), name=run_name,
-                              config=config, tags=list(cfg.tags) or None, id=run_id,
-                              resume="allow" if run_id else None)
+        # wandb records the command line (sys.argv) as run metadata: --set overrides may carry
+        # credentials (data.storage.secret=...), so it sees them redacted
+        argv = sys.argv
+        sys.argv = redact_argv(argv)
+        try:
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(d), name=run_name,
+                                  config=config, tags=list(cfg.tags) or None, id=run_id,
+                                  resume="allow" if run_id else None)
+        finally:
+            sys.argv = argv
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(self.run.id)
         self.dir = Path(self.run.dir).parent     # .../wandb/<offline-|>run-<time>-<id>

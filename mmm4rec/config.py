@@ -28,7 +28,8 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "save_yaml", "apply_overrides", "redact_secrets"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "save_yaml", "apply_overrides", "redact_secrets",
+           "redact_argv"]
 
 #: keys whose values are credentials (storage sections: ``data.storage``, ``checkpoint.storage``)
 SECRET_KEYS = frozenset({"key", "secret", "token", "password", "api_key"})
@@ -162,6 +163,20 @@ def redact_secrets(mapping: Any, _parent: str = "") -> Any:
     if isinstance(mapping, (list, tuple)):
         return [redact_secrets(v, _parent) for v in mapping]
     return mapping
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with the values of credential overrides (``data.storage.secret=X``,
+    ``...token=X``: what :func:`redact_secrets` hides) replaced by ``***``."""
+    out = []
+    for a in argv:
+        key, eq, _ = a.partition("=")
+        parts = key.split(".")
+        nested = {parts[-2]: {parts[-1]: "x"}} if len(parts) > 1 else {parts[-1]: "x"}
+        if eq and "***" in str(redact_secrets(nested)):
+            a = f"{key}=***"
+        out.append(a)
+    return out
 
 
 def _parse_scalar(text: str) -> Any:

@@ -151,6 +151,19 @@ def test_print_config_resolves_redacts_and_starts_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_credentials_on_the_command_line_are_redacted():
+    from mmm4rec.config import redact_argv, redact_secrets
+
+    argv = ["dist/train.py", "--set", "data.storage.secret=S", "--set", "checkpoint.storage.key=K",
+            "--set", "train.epochs=3", "--set", "data.storage.endpoint_url=http://127.0.0.1:9000"]
+    assert redact_argv(argv) == ["dist/train.py", "--set", "data.storage.secret=***", "--set",
+                                 "checkpoint.storage.key=***", "--set", "train.epochs=3", "--set",
+                                 "data.storage.endpoint_url=http://127.0.0.1:9000"]
+    cfg = {"data": {"storage": {"key": "K", "secret": None, "token": ""}, "key": "not-a-credential"}}
+    assert redact_secrets(cfg) == {"data": {"storage": {"key": "***", "secret": None, "token": ""},
+                                            "key": "not-a-credential"}}
+
+
 def test_mmm4rec_train_checks_the_json_before_launching(tmp_path):
     js = _write(tmp_path, {"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}})
     r = _run("-m", "mmm4rec.cli", "train", "--config", str(TINY_FT), "--nproc", "2", "--output-dir",

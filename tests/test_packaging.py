@@ -56,6 +56,7 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_wheel_contents_and_metadata(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -74,6 +75,7 @@ def test_wheel_contents_and_metadata(wheel):
         assert f"Provides-Extra: {extra}" in meta
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_imports_in_a_fresh_venv(fresh_venv, tmp_path):
     py = fresh_venv / "bin" / "python"
     code = f"""
@@ -94,6 +96,7 @@ print("imported", n)
     assert int(r.stdout.split()[-1]) >= 40, r.stdout
 
 
+@pytest.mark.slow
 def test_console_script_from_the_wheel(fresh_venv, tmp_path):
     exe = fresh_venv / "bin" / "mmm4rec"
     r = subprocess.run([str(exe), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
