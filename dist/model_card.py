@@ -46,8 +46,8 @@ def model_card(model_type: str, config: dict, n_params: int, dtype: str, state: 
                experiment: dict | None, source: str) -> str:
     """The card's text. ``state``: the checkpoint's ``checkpoint.json`` (best metrics,
     step, epoch); ``experiment``: its ``config.yaml`` (None when absent)."""
-    exp = redact_secrets(experiment or {})
-    data = exp.get("data", {}) or {}
+    exp = redact_secrets(experiment or {})              # what the card shows
+    data = (experiment or {}).get("data", {}) or {}     # what reads the manifest (real credentials)
     url = data.get("url") or ""
     manifest, digest, err = _read_manifest(url, data.get("storage") or {}) if url else (None, None, "no data.url")
     name = exp.get("name") or model_type

@@ -123,7 +123,7 @@ def dry_run(cfg: ExperimentConfig, config_file: str | None, world_size: int, out
     from data_shards import SequenceLoader, read_manifest
 
     from .model import build_dense
-    from .setup import check_export_compatible, preflight
+    from .setup import check_export_compatible, plan_steps, preflight
     from .tables import pack_specs
 
     if world_size < 1:
@@ -150,17 +150,8 @@ def dry_run(cfg: ExperimentConfig, config_file: str | None, world_size: int, out
                          if t["kind"] == "feature")
 
     gas = cfg.train.gradient_accumulation_steps
-    train = SequenceLoader(cfg.data, "train", rank=0, world_size=world_size)
-    micro = len(train)
-    steps = micro // gas
-    if cfg.train.steps_per_epoch:
-        steps = min(steps, cfg.train.steps_per_epoch)
-    if steps < 1:
-        raise ConfigError(f"data.batch_size: {micro} micro-batches per epoch per rank are fewer than "
-                          f"train.gradient_accumulation_steps ({gas}); lower one of them")
-    total = steps * cfg.train.epochs
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
+    micro = len(SequenceLoader(cfg.data, "train", rank=0, world_size=world_size))   # the same on every rank
+    steps, total = plan_steps(cfg, micro)
     ds_config = finalize_deepspeed_config(ds_json, cfg, world_size)
     plan = {
         "name": cfg.name, "world_size": world_size, "data": url, "manifest_sha256": manifest_digest(url, storage),

@@ -24,7 +24,8 @@ from .config import (
     resolve_model_config,
 )
 
-__all__ = ["preflight", "build", "Parts", "read_export_header", "check_export_compatible", "resolve_data_url"]
+__all__ = ["preflight", "build", "plan_steps", "Parts", "read_export_header", "check_export_compatible",
+           "resolve_data_url"]
 
 
 # ---------------------------------------------------------------------- init_from
@@ -111,6 +112,23 @@ def preflight(cfg: ExperimentConfig, config_file: str | None, world_size: int | 
     return ds_json
 
 
+def plan_steps(cfg: ExperimentConfig, micro_batches: int) -> tuple[int, int]:
+    """``(optimizer steps per epoch, steps in all)`` from the train loader's micro-batches
+    per epoch and rank (``train.gradient_accumulation_steps``, ``steps_per_epoch``,
+    ``epochs``, ``max_steps``)."""
+    gas = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = micro_batches // gas
+    if cfg.train.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.batch_size: {micro_batches} micro-batches per epoch per rank are fewer "
+                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    return steps_per_epoch, total_steps
+
+
 @dataclasses.dataclass
 class Parts:
     cfg: ExperimentConfig        # resolved: data.url set, model fields from the data
@@ -157,16 +175,7 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
         "valid": SequenceLoader(cfg.data, "valid", rank=env.rank, world_size=env.world_size, shuffle=False),
         "test": SequenceLoader(cfg.data, "test", rank=env.rank, world_size=env.world_size, shuffle=False),
     }
-    gas = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(loaders["train"]) // gas
-    if cfg.train.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size: {len(loaders['train'])} micro-batches per epoch per rank are fewer "
-                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(loaders["train"]))
 
     tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed)
     feature_names = [s.name for s in specs if s.kind == "feature"]

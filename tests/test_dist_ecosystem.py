@@ -267,3 +267,14 @@ def test_export_bf16_halves_the_weights_and_loads(tracked_run, tmp_path):
         k = next(iter(b.keys()))
         assert w[k].dtype == torch.float32
         assert torch.allclose(w[k], b.get_tensor(k), rtol=1e-2, atol=1e-3)
+
+
+def test_model_card_says_when_the_manifest_cannot_be_read(tmp_path):
+    from dist.model_card import model_card
+
+    exp = {"name": "x", "data": {"url": str(tmp_path / "gone"), "storage": {"secret": "S3CRET"}}}
+    card = model_card("mmm4rec", {"hidden_size": 8}, 123, "float32", {"step": 3, "epoch": 1}, exp, "ck")
+    assert f"- shard set: `{tmp_path / 'gone'}`" in card
+    assert "- manifest: not readable at export time (ManifestError" in card
+    assert "- unknown (manifest not readable at export time)" in card
+    assert "No evaluation was recorded" in card and "S3CRET" not in card and "123 parameters" in card
