@@ -8,6 +8,7 @@ network, and this checkout's editable install is not activated there), so everyt
 imported is the wheel's own code."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -115,6 +116,12 @@ def test_console_script_from_the_wheel(fresh_venv, tmp_path):
                           capture_output=True, text=True, check=True).stdout.strip()
     assert f"# DeepSpeed JSON: {site}/dist/ds_configs/zero2.json" in r.stdout
     assert yaml.safe_load(r.stdout)["deepspeed"]["train_batch_size"] == 256
+    # the bundled samples stay in the checkout: a sample config says so (exit 2, one line, nothing built)
+    r = subprocess.run([str(exe), "train", "--config", str(cfg), "--dry-run"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "MMM4REC_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "the bundled sample 'scientific_mm' ships with a checkout of the repository" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------------- install routes
