@@ -1,7 +1,7 @@
 # The README's two commands:
 #   make quickstart   set up ./.venv and run pretrain -> export -> fine-tune -> evaluate on CPU
 #   make test         set up ./.venv (+ test deps, Slurm, S3 server) and run the test suite
-.PHONY: setup setup-dev quickstart test test-fast lint bench
+.PHONY: setup setup-dev quickstart test test-fast lint bench wheel
 PY := .venv/bin/python
 
 setup:
@@ -24,3 +24,6 @@ lint: setup-dev
 
 bench: setup
 	$(PY) benchmarks/train_step.py
+
+wheel: setup-dev
+	$(PY) -m build --outdir build/

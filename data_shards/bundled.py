@@ -16,7 +16,7 @@ import numpy as np
 
 from mmm4rec.paths import text_cache_dir
 
-from .errors import ManifestError
+from .errors import DataError, ManifestError
 from .features import DEFAULT_TEXT_ENCODER, FeatureFile, TextEncoder
 from .importer import file_sha256, import_dataset
 from .shards import build_shards, read_manifest
@@ -63,6 +63,10 @@ def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Pat
     if name not in SAMPLE_DATASETS:
         raise ValueError(f"unknown sample dataset {name!r}; expected one of {sorted(SAMPLE_DATASETS)}")
     recipe = SAMPLE_DATASETS[name]
+    if not (SAMPLES_DIR / recipe["dir"]).is_dir():
+        raise DataError(str(SAMPLES_DIR / recipe["dir"]),
+                        f"the bundled sample {name!r} ships with a checkout of the repository, not with the "
+                        "installed package; use a checkout, or give your own shards as data.url")
     out = Path(out_dir) / name
     fingerprint = _fingerprint(name, recipe)
     if not force and (out / "manifest.json").is_file() and _is_current(out, fingerprint):

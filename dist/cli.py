@@ -70,6 +70,17 @@ def launcher_command(nproc: int, train_args: list[str], launcher: str = "deepspe
 
 
 # ------------------------------------------------------------------ commands
+def _check_before_launch(config: str, overrides: list[str], nproc: int) -> None:
+    """The config and DeepSpeed JSON, checked before any process starts (a ConfigError
+    ends ``mmm4rec train`` with exit 2); the keys where the JSON differs from the
+    experiment config are printed (the experiment config wins)."""
+    from .config import deepspeed_overlap, load_deepspeed_config, load_experiment, report_overlap
+
+    cfg = load_experiment(config, overrides)
+    path, ds = load_deepspeed_config(cfg, config)
+    report_overlap(path, deepspeed_overlap(ds, cfg, nproc))
+
+
 def _train(args) -> int:
     train_args = ["--config", args.config]
     if args.output_dir:
@@ -79,11 +90,19 @@ def _train(args) -> int:
     if args.resume:
         train_args.append("--resume")
     nproc = args.nproc or _default_nproc()
+    env = launcher_env(nproc)
+    if args.print_config or args.dry_run:   # one plain process, no process group: dist/train.py's own
+        flags = ["--print-config"] * args.print_config + ["--dry-run"] * args.dry_run
+        cmd = launcher_command(1, [*train_args, *flags, "--world-size", str(nproc)], "none")
+        os.execvpe(cmd[0], cmd, env)
+    _check_before_launch(args.config, args.overrides, nproc)
+    env["MMM4REC_DS_OVERLAP_SHOWN"] = "1"
     launcher = "none" if nproc == 1 and args.launcher == "auto" else \
         ("deepspeed" if args.launcher == "auto" else args.launcher)
     cmd = launcher_command(nproc, train_args, launcher, args.master_port)
-    env = launcher_env(nproc)
-    print("[mmm4rec] " + " ".join(cmd), file=sys.stderr, flush=True)
+    from mmm4rec.config import redact_argv
+
+    print("[mmm4rec] " + " ".join(redact_argv(cmd)), file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
 
@@ -91,8 +110,8 @@ def _train(args) -> int:
 def _export(args) -> int:
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} -> {out} (model.safetensors + config.json)")
+    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {out} (model.safetensors in {args.dtype}, config.json, README.md)")
     return 0
 
 
@@ -124,18 +143,29 @@ def register(subparsers) -> None:
     p.add_argument("--launcher", choices=("auto", "deepspeed", "torchrun"), default="auto",
                    help="auto: deepspeed for N > 1, a plain process for N = 1")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (launcher default otherwise)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved experiment + DeepSpeed config for N processes (secrets redacted) and "
+                        "exit; launches nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config against the data's manifest, build the model on the meta device, print "
+                        "parameter counts, table rows/bytes per rank and the planned steps for N processes, and "
+                        "exit; launches nothing")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
         "export", help="write a checkpoint's transferable weights (safetensors + config.json)",
         description="Export the dense (transferable) weights of a dist/train.py checkpoint -- adapters and blocks, "
                     "not the item feature tables nor the ID term -- as model.safetensors + config.json, the format of "
-                    "SeqRecModel.save_pretrained, loadable with MMM4Rec.from_pretrained(OUT). Works for every ZeRO "
-                    "stage (ZeRO-3 partitions are consolidated with DeepSpeed's fp32 utilities).")
+                    "SeqRecModel.save_pretrained, loadable with MMM4Rec.from_pretrained(OUT), and a model card "
+                    "README.md (config, data manifest sha256, feature encoders, the run's metrics). Works for every "
+                    "ZeRO stage (ZeRO-3 partitions are consolidated with DeepSpeed's fp32 utilities).")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N), or a run's OUTPUT_DIR or "
                         "checkpoints directory (its best checkpoint)")
     p.add_argument("out", metavar="OUT", help="output directory (replaced atomically)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="how the weights are stored (bf16 halves the file; from_pretrained casts back to the "
+                        "model's dtype)")
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser(

@@ -12,6 +12,7 @@ types and invariants fail with the dotted field name)::
                  DeepSpeed JSON, init_from (an export to fine-tune from)
     eval:        ks, the early-stopping metric and patience, history masking
     checkpoint:  where (path or fsspec URL), how often, how many to keep
+    trackers:    optional Weights & Biases / MLflow logging (rank 0), beside TensorBoard + CSV
 
 Fields that the data decides (``num_items``, ``max_len``, ``text_dim``, ``image_dim``)
 are filled from the shard manifest by :func:`resolve_model_config`; giving a value
@@ -33,11 +34,14 @@ from mmm4rec.models import MODELS
 from mmm4rec.paths import cache_dir
 
 __all__ = ["ExperimentConfig", "DataSection", "TablesConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
-           "EvalConfig", "CheckpointConfig", "load_experiment", "resolve_model_config", "load_deepspeed_config",
+           "EvalConfig", "CheckpointConfig", "TrackersConfig", "WandbConfig", "MlflowConfig", "load_experiment",
+           "resolve_model_config", "load_deepspeed_config", "deepspeed_overlap", "finalize_deepspeed_config",
            "REPO_ROOT", "SAMPLE_NAMES"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED_DIR = REPO_ROOT / "configs" / "deepspeed"
+#: the bundled DeepSpeed JSONs (package data, so a wheel install has them too; in a checkout
+#: ``configs/deepspeed`` links here)
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "ds_configs"
 SAMPLE_NAMES = ("office", "scientific_mm")
 #: model fields the data decides (filled from the manifest, checked when given)
 DATA_FIELDS = ("num_items", "max_len", "text_dim", "image_dim")
@@ -225,6 +229,39 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install "mmm4rec[trackers]"``). ``mode: offline`` writes the
+    run under ``dir`` (default OUTPUT_DIR, so ``OUTPUT_DIR/wandb/``) for a later ``wandb sync``."""
+
+    enabled: bool = False
+    project: str = "mmm4rec"
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+    dir: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (``pip install "mmm4rec[trackers]"``). ``tracking_uri`` empty: a file store
+    under ``OUTPUT_DIR/mlruns`` (view with ``mlflow ui --backend-store-uri ...``)."""
+
+    enabled: bool = False
+    tracking_uri: str = ""
+    experiment: str = "mmm4rec"
+    run_name: str = ""
+
+
+@dataclass
+class TrackersConfig:
+    """Experiment trackers fed by rank 0 with the same scalars as TensorBoard/CSV (losses,
+    LR, throughput, memory, evaluation metrics) plus the resolved config (secrets redacted)."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass
 class ExperimentConfig:
     data: DataSection
     name: str = "mmm4rec"
@@ -233,6 +270,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trackers: TrackersConfig = field(default_factory=TrackersConfig)
 
     @property
     def model_type(self) -> str:
@@ -287,14 +325,27 @@ def resolve_model_config(cfg: ExperimentConfig, manifest: dict):
 
 
 # ---------------------------------------------------------------------- deepspeed
-#: DeepSpeed fields the experiment YAML owns (set from it; the JSON must not disagree)
-_DS_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+#: The DeepSpeed keys that overlap the experiment YAML. The rule (docs/training.md):
+#: **the experiment YAML wins**. A user's JSON may hold them; where a value differs from
+#: the YAML, :func:`deepspeed_overlap` names it (printed before launch) and
+#: :func:`finalize_deepspeed_config` writes the YAML's value (or drops the block: the
+#: trainer hands DeepSpeed a torch optimizer + LR schedule and runs bf16 as autocast).
+#: Every other key (ZeRO incl. offload, communication, checkpoint, monitors...) passes through.
+DS_OVERLAP = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "data.batch_size x train.gradient_accumulation_steps x world size",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision", "fp16": "train.precision", "amp": "train.precision",
+    "optimizer": "train.optimizer", "scheduler": "train.schedule",
+}
+#: DeepSpeed scheduler type -> our train.schedule.decay
+_DS_SCHEDULERS = {"WarmupLR": "none", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
 
 
 def deepspeed_json_path(spec: str, config_file: str | os.PathLike | None = None) -> Path:
-    """``zero2`` -> ``configs/deepspeed/zero2.json``; a path is taken as is (relative to
-    the working directory, else to the experiment file's directory)."""
+    """``zero2`` -> the bundled ``zero2.json`` (``configs/deepspeed/``); a path is taken as is
+    (relative to the working directory, else to the experiment file's directory)."""
     if not spec.endswith(".json") and "/" not in spec:
         return DEEPSPEED_DIR / f"{spec}.json"
     p = Path(spec)
@@ -306,9 +357,10 @@ def deepspeed_json_path(spec: str, config_file: str | os.PathLike | None = None)
 
 
 def load_deepspeed_config(cfg: ExperimentConfig, config_file: str | os.PathLike | None = None) -> tuple[Path, dict]:
-    """Read and check the experiment's DeepSpeed JSON (ZeRO stage 0-3, no fields the
-    experiment YAML owns). The batch, accumulation, clipping and precision fields are
-    filled by :func:`finalize_deepspeed_config` once the world size is known."""
+    """Read and check the experiment's DeepSpeed JSON: any DeepSpeed config (a user's own
+    included); ZeRO stage 0-3; offload settings that fit the stage. Keys that overlap the
+    YAML are accepted (see ``DS_OVERLAP``); :func:`finalize_deepspeed_config` resolves them
+    once the world size is known."""
     path = deepspeed_json_path(cfg.train.deepspeed, config_file)
     if not path.is_file():
         names = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
@@ -325,23 +377,129 @@ def load_deepspeed_config(cfg: ExperimentConfig, config_file: str | os.PathLike 
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    for key in ("offload_optimizer", "offload_param"):
-        dev = (zero.get(key) or {}).get("device", "none")
-        if dev not in (None, "none"):
-            raise ConfigError(f"{path}: zero_optimization.{key} is not supported here (its CPU Adam needs "
-                              f"DeepSpeed's own optimizer; this trainer hands DeepSpeed a torch optimizer)")
-    owned = [k for k in _DS_OWNED if k in ds]
-    if owned:
-        raise ConfigError(f"{path}: {owned} are set by the experiment YAML (data.batch_size, "
-                          f"train.gradient_accumulation_steps, train.grad_clip, train.precision, "
-                          f"train.optimizer, train.schedule); remove them from the JSON")
+    for key, stages in (("offload_optimizer", (1, 2, 3)), ("offload_param", (3,))):
+        block = zero.get(key)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ConfigError(f"{path}: zero_optimization.{key} must be an object")
+        dev = block.get("device", "none")
+        if dev not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{path}: zero_optimization.{key}.device must be none, cpu or nvme, got {dev!r}")
+        if dev != "none" and stage not in stages:
+            raise ConfigError(f"{path}: zero_optimization.{key} needs ZeRO stage {' or '.join(map(str, stages))}, "
+                              f"the JSON has stage {stage}")
+        if dev == "nvme" and not block.get("nvme_path"):
+            raise ConfigError(f"{path}: zero_optimization.{key}.nvme_path is required for device nvme")
+    for key, want in (("optimizer", "type"), ("scheduler", "type")):
+        if key in ds and not (isinstance(ds[key], dict) and isinstance(ds[key].get(want), str)):
+            raise ConfigError(f"{path}: {key} must be an object with a '{want}' string")
+    for key in ("bf16", "fp16", "amp"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{path}: {key} must be an object (e.g. {{\"enabled\": true}})")
     return path, ds
 
 
+def _json_precision(ds: dict) -> str | None:
+    if any(k in ds for k in ("bf16", "fp16", "amp")):
+        if ds.get("fp16", {}).get("enabled", False) is True or ds.get("amp", {}).get("enabled", False) is True:
+            return "fp16"
+        return "bf16" if ds.get("bf16", {}).get("enabled", False) is True else "fp32"
+    return None
+
+
+def _json_optimizer(opt: dict) -> dict:
+    """A DeepSpeed optimizer block in our terms (DeepSpeed's "Adam" is AdamW unless
+    ``adam_w_mode`` is false)."""
+    params = opt.get("params", {}) or {}
+    name = opt["type"].lower()
+    if name in ("adam", "fusedadam", "cpuadam"):
+        name = "adamw" if params.get("adam_w_mode", True) else "adam"
+    out = {"name": name}
+    for k in ("lr", "weight_decay", "eps", "momentum"):
+        if k in params:
+            out[k] = params[k]
+    if "betas" in params:
+        out["betas"] = list(params["betas"])
+    return out
+
+
+def deepspeed_overlap(ds: dict, cfg: ExperimentConfig, world_size: int | None = None) -> list[str]:
+    """Where the DeepSpeed JSON sets a value the experiment YAML owns and differs from it:
+    one line per key (``key: JSON x -> ours y (field)``). The YAML's value is the one used."""
+    t = cfg.train
+    lines = []
+
+    def differ(key: str, theirs, ours, field_name: str) -> None:
+        if theirs != ours:
+            lines.append(f"{key}: JSON {theirs!r} -> {field_name}={ours!r}")
+
+    if "train_micro_batch_size_per_gpu" in ds:
+        differ("train_micro_batch_size_per_gpu", ds["train_micro_batch_size_per_gpu"], cfg.data.batch_size,
+               "data.batch_size")
+    if "gradient_accumulation_steps" in ds:
+        differ("gradient_accumulation_steps", ds["gradient_accumulation_steps"], t.gradient_accumulation_steps,
+               "train.gradient_accumulation_steps")
+    if "train_batch_size" in ds:
+        if world_size is None:
+            lines.append(f"train_batch_size: JSON {ds['train_batch_size']!r} -> data.batch_size x "
+                         f"train.gradient_accumulation_steps x world size")
+        else:
+            ours = cfg.data.batch_size * t.gradient_accumulation_steps * world_size
+            if ds["train_batch_size"] != ours:
+                lines.append(f"train_batch_size: JSON {ds['train_batch_size']!r} -> {ours} (data.batch_size "
+                             f"{cfg.data.batch_size} x train.gradient_accumulation_steps "
+                             f"{t.gradient_accumulation_steps} x world size {world_size})")
+    if "gradient_clipping" in ds:
+        differ("gradient_clipping", float(ds["gradient_clipping"]), t.grad_clip, "train.grad_clip")
+    prec = _json_precision(ds)
+    if prec is not None and prec != t.precision:
+        note = " (bf16 on CUDA, fp32 on CPU)" if t.precision == "auto" else ""
+        lines.append(f"bf16/fp16: JSON {prec} -> train.precision={t.precision!r}{note}; bf16 runs as torch autocast "
+                     f"over fp32 DeepSpeed state, fp16 is not offered")
+    if "optimizer" in ds:
+        theirs = _json_optimizer(ds["optimizer"])
+        ours = dataclasses.asdict(t.optimizer)
+        for k, v in theirs.items():
+            if k == "momentum" and ours["name"] != "sgd":
+                continue
+            differ(f"optimizer.{'type' if k == 'name' else 'params.' + k}", v, ours[k], f"train.optimizer.{k}")
+    if "scheduler" in ds:
+        sch, params = ds["scheduler"], ds["scheduler"].get("params", {}) or {}
+        differ("scheduler.type", sch["type"], t.schedule.decay, "train.schedule.decay")
+        if sch["type"] not in _DS_SCHEDULERS:
+            lines[-1] += f" (DeepSpeed {sch['type']} has no equivalent here; the LR follows train.schedule)"
+        elif _DS_SCHEDULERS[sch["type"]] == t.schedule.decay:
+            lines.pop()
+        if "warmup_num_steps" in params:
+            differ("scheduler.params.warmup_num_steps", params["warmup_num_steps"], t.schedule.warmup_steps,
+                   "train.schedule.warmup_steps")
+        if "warmup_max_lr" in params:
+            differ("scheduler.params.warmup_max_lr", params["warmup_max_lr"], t.optimizer.lr, "train.optimizer.lr")
+        if "cos_min_ratio" in params:
+            differ("scheduler.params.cos_min_ratio", params["cos_min_ratio"], t.schedule.min_lr_ratio,
+                   "train.schedule.min_lr_ratio")
+    return lines
+
+
+def report_overlap(path, lines: list[str]) -> None:
+    """Print :func:`deepspeed_overlap`'s lines (stderr), if any."""
+    if lines:
+        import sys
+
+        print(f"[mmm4rec] {path}: {len(lines)} DeepSpeed key(s) differ from the experiment config; the experiment "
+              f"config wins (docs/training.md#deepspeed-json):\n" + "\n".join(f"  {x}" for x in lines),
+              file=sys.stderr, flush=True)
+
+
 def finalize_deepspeed_config(ds: dict, cfg: ExperimentConfig, world_size: int) -> dict:
-    """The DeepSpeed config handed to ``deepspeed.initialize``. Mixed precision is torch
-    autocast around the forward (see ``dist/engine.py``), so DeepSpeed itself stays fp32."""
+    """The DeepSpeed config handed to ``deepspeed.initialize``: the user's JSON with the
+    overlapping keys taken from the experiment YAML (the rule of ``DS_OVERLAP``). Mixed
+    precision is torch autocast around the forward (``dist/engine.py``), so DeepSpeed
+    itself stays fp32; optimizer and LR schedule are torch objects (``build_engine``)."""
     out = json.loads(json.dumps(ds))
+    for key in ("optimizer", "scheduler", "bf16", "fp16", "amp"):
+        out.pop(key, None)
     out["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     out["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
     out["train_batch_size"] = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * world_size
@@ -349,7 +507,26 @@ def finalize_deepspeed_config(ds: dict, cfg: ExperimentConfig, world_size: int) 
     out.setdefault("zero_allow_untested_optimizer", True)
     out.setdefault("steps_per_print", 10 ** 9)
     out.setdefault("wall_clock_breakdown", False)
+    if out.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
+        # ZeRO-Offload with the trainer's torch optimizer (stepped on the offloaded fp32
+        # state); DeepSpeed otherwise insists on its own CPU Adam, which cannot do NAdam
+        out.setdefault("zero_force_ds_cpu_optimizer", False)
     return out
+
+
+def check_deepspeed_schema(ds_config: dict, path: str | os.PathLike = "DeepSpeed config") -> None:
+    """Let DeepSpeed's own config classes check a finalized config (misspelled ZeRO keys,
+    wrong types) without a process group; one ConfigError naming the JSON."""
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = dict(ds_config)
+    probe["train_batch_size"] = probe["train_micro_batch_size_per_gpu"] * probe["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as e:  # noqa: BLE001 -- pydantic / assertion errors: one line naming the file
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{path}: DeepSpeed {deepspeed.__version__} rejects it: {msg[:600]}") from None
 
 
 def zero_stage(ds: dict) -> int:

@@ -44,26 +44,41 @@ def dense_state_dict(ck: CheckpointDir) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-def write_export(model_type: str, config, state: dict[str, torch.Tensor], out: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` atomically (temp dir, then rename)."""
+#: ``--dtype`` of ``mmm4rec export``: how the floating-point weights are stored
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def write_export(model_type: str, config, state: dict[str, torch.Tensor], out: str | os.PathLike,
+                 dtype: str = "fp32", card: str | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``README.md``, the model card,
+    when given) atomically (temp dir, then rename). ``dtype``: fp32 or bf16 for the
+    floating-point tensors (``config.json`` records it; loading casts back to the model's)."""
     from safetensors.torch import save_file
 
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype: must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    save_file({k: (v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in state.items()},
+              str(tmp / "model.safetensors"))
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    (tmp / "config.json").write_text(json.dumps({"model_type": model_type, "config": cfg}, indent=2))
+    head = {"model_type": model_type, "config": cfg, "dtype": str(EXPORT_DTYPES[dtype]).removeprefix("torch.")}
+    (tmp / "config.json").write_text(json.dumps(head, indent=2))
+    if card is not None:
+        (tmp / "README.md").write_text(card)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, out: str | os.PathLike) -> Path:
-    """``mmm4rec export CHECKPOINT OUT``: the transferable weights of a checkpoint."""
+def export_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, out: str | os.PathLike,
+                      dtype: str = "fp32") -> Path:
+    """``mmm4rec export CHECKPOINT OUT``: the transferable weights of a checkpoint, with a
+    model card (``README.md``: config, data manifest digest, feature encoders, metrics)."""
     ck = checkpoint if isinstance(checkpoint, CheckpointDir) else CheckpointDir.resolve(checkpoint)
     mc = ck.model_config
     state = dense_state_dict(ck)
@@ -80,7 +95,20 @@ def export_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, out: str | 
     if set(state) != expected:
         raise ValueError(f"{ck.path}: DeepSpeed state has keys {sorted(set(state) ^ expected)} that do not match "
                          f"the {mc['model_type']} dense module")
-    return write_export(mc["model_type"], config, state, out)
+    return write_export(mc["model_type"], config, state, out, dtype=dtype,
+                        card=_card(ck, mc["model_type"], config, state, dtype))
+
+
+def _card(ck: CheckpointDir, model_type: str, config, state: dict, dtype: str) -> str:
+    import yaml
+
+    from .model_card import model_card
+
+    exp_file = ck.path / "config.yaml"
+    experiment = yaml.safe_load(exp_file.read_text()) if exp_file.is_file() else None
+    n_params = sum(v.numel() for v in state.values())
+    stored = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
+    return model_card(model_type, dataclasses.asdict(config), n_params, stored, ck.state, experiment, str(ck.path))
 
 
 def model_from_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, item_table=None):

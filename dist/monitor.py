@@ -3,6 +3,12 @@
     OUTPUT_DIR/logs/steps.csv     step, epoch, loss, lr, samples/s (every log_every_steps)
     OUTPUT_DIR/logs/epochs.csv    epoch, step, train loss, valid metrics, timings
     OUTPUT_DIR/tensorboard/       the same scalars (train/*, valid/*, test/*)
+    W&B / MLflow                  the same scalars again, when enabled (``dist/trackers.py``)
+
+Every step row also carries throughput and memory: ``steps_per_s`` (optimizer steps
+per second since the last row), ``samples_per_s`` (from the trainer), ``mem_rss_gib``
+and ``mem_peak_rss_gib`` (this process), and on CUDA ``cuda_mem_gib`` /
+``cuda_peak_mem_gib`` (``torch.cuda.memory_allocated`` / its peak).
 
 A resumed run first drops the rows written after its checkpoint, so each file holds
 one row per step/epoch as if the run had never stopped.
@@ -10,10 +16,27 @@ one row per step/epoch as if the run had never stopped.
 from __future__ import annotations
 
 import csv
+import resource
 import sys
+import time
 from pathlib import Path
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "memory_scalars"]
+
+_GIB = 1024 ** 3
+
+
+def memory_scalars() -> dict:
+    """This process's memory now and at its peak (GiB), and CUDA's when there is a GPU."""
+    import psutil
+    import torch
+
+    out = {"mem_rss_gib": psutil.Process().memory_info().rss / _GIB,
+           "mem_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / _GIB}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_mem_gib"] = torch.cuda.memory_allocated() / _GIB
+        out["cuda_peak_mem_gib"] = torch.cuda.max_memory_allocated() / _GIB
+    return out
 
 
 class _Csv:
@@ -60,10 +83,15 @@ class _Csv:
 class Monitor:
     """Rank 0 writes; every other rank gets a no-op monitor."""
 
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None = None, trackers=None,
+                 run_config: dict | None = None, run_name: str = "mmm4rec"):
+        """``trackers``: a ``TrackersConfig`` (W&B / MLflow switches); ``run_config``: the
+        resolved config they record (pass it redacted)."""
         self.enabled = enabled
         self._bar = None
         self._tb = None
+        self.trackers: list = []
+        self._last = (resume_step or 0, time.time())
         if not enabled:
             return
         logs = output_dir / "logs"
@@ -79,6 +107,11 @@ class Monitor:
             self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step)
         except ImportError:  # tensorboard is a dependency; keep training if it is broken
             self.log("tensorboard is not importable: scalars go to the CSV files only")
+        if trackers is not None:
+            from .trackers import open_trackers
+
+            self.trackers = open_trackers(trackers, output_dir, run_name, run_config or {},
+                                          resume=resume_step is not None)
 
     # --- console
     def log(self, msg: str) -> None:
@@ -114,10 +147,16 @@ class Monitor:
     def step_scalars(self, step: int, epoch: int, scalars: dict) -> None:
         if not self.enabled:
             return
+        now = time.time()
+        last_step, last_t = self._last
+        scalars = {**scalars, "steps_per_s": (step - last_step) / max(now - last_t, 1e-9), **memory_scalars()}
+        self._last = (step, now)
         self.steps.write({"step": step, "epoch": epoch, **scalars})
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"train/{k}", v, step)
+        for t in self.trackers:
+            t.log({f"train/{k}": v for k, v in scalars.items()}, step)
 
     def epoch_scalars(self, step: int, epoch: int, scalars: dict) -> None:
         if not self.enabled:
@@ -128,8 +167,14 @@ class Monitor:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        numeric = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for t in self.trackers:
+            t.log({"epoch": epoch, **numeric}, step)
 
     def close(self) -> None:
         self.end_epoch()
         if self._tb is not None:
             self._tb.close()
+        for t in self.trackers:
+            t.close()
+        self.trackers = []

@@ -16,12 +16,16 @@ from mmm4rec.config import ConfigError
 
 from .config import (
     ExperimentConfig,
+    check_deepspeed_schema,
+    deepspeed_overlap,
     finalize_deepspeed_config,
     load_deepspeed_config,
+    report_overlap,
     resolve_model_config,
 )
 
-__all__ = ["preflight", "build", "Parts", "read_export_header", "check_export_compatible", "resolve_data_url"]
+__all__ = ["preflight", "build", "plan_steps", "Parts", "read_export_header", "check_export_compatible",
+           "resolve_data_url"]
 
 
 # ---------------------------------------------------------------------- init_from
@@ -85,15 +89,44 @@ def resolve_data_url(cfg: ExperimentConfig, env) -> str:
 
 
 # ---------------------------------------------------------------------- building
-def preflight(cfg: ExperimentConfig, config_file: str | None) -> dict:
-    """Checks that need no processes; returns the experiment's DeepSpeed JSON."""
-    _, ds_json = load_deepspeed_config(cfg, config_file)
+def preflight(cfg: ExperimentConfig, config_file: str | None, world_size: int | None = None,
+              announce: bool = True) -> dict:
+    """Checks that need no processes; returns the experiment's DeepSpeed JSON. Where the
+    JSON overlaps the experiment YAML, the YAML wins and rank 0 prints each differing key
+    (``announce``); the finalized config is checked by DeepSpeed's own config classes."""
+    import os
+
+    path, ds_json = load_deepspeed_config(cfg, config_file)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    check_deepspeed_schema(finalize_deepspeed_config(ds_json, cfg, world), path)
+    if announce and os.environ.get("RANK", "0") == "0" and not os.environ.get("MMM4REC_DS_OVERLAP_SHOWN"):
+        report_overlap(path, deepspeed_overlap(ds_json, cfg, world))
     if cfg.train.init_from:
         read_export_header(cfg.train.init_from)
+    from .trackers import check_trackers
+
+    check_trackers(cfg.trackers)
     if cfg.tables.optimizer == "adam" and not torch.cuda.is_available():
         raise ConfigError("tables.optimizer: adam runs only on GPU (fbgemm's CPU kernels implement adagrad, "
                           "rowwise_adagrad and sgd); choose one of those on CPU")
     return ds_json
+
+
+def plan_steps(cfg: ExperimentConfig, micro_batches: int) -> tuple[int, int]:
+    """``(optimizer steps per epoch, steps in all)`` from the train loader's micro-batches
+    per epoch and rank (``train.gradient_accumulation_steps``, ``steps_per_epoch``,
+    ``epochs``, ``max_steps``)."""
+    gas = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = micro_batches // gas
+    if cfg.train.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.batch_size: {micro_batches} micro-batches per epoch per rank are fewer "
+                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    return steps_per_epoch, total_steps
 
 
 @dataclasses.dataclass
@@ -142,16 +175,7 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
         "valid": SequenceLoader(cfg.data, "valid", rank=env.rank, world_size=env.world_size, shuffle=False),
         "test": SequenceLoader(cfg.data, "test", rank=env.rank, world_size=env.world_size, shuffle=False),
     }
-    gas = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(loaders["train"]) // gas
-    if cfg.train.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size: {len(loaders['train'])} micro-batches per epoch per rank are fewer "
-                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(loaders["train"]))
 
     tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed)
     feature_names = [s.name for s in specs if s.kind == "feature"]

@@ -160,15 +160,7 @@ class ShardedItemTables:
     def __init__(self, specs: list[TableSpec], cfg: TablesConfig, env, seed: int):
         import torch.distributed as tdist
         from torchrec.distributed import DistributedModelParallel, comm_ops
-        from torchrec.distributed.embedding import EmbeddingCollectionSharder
-        from torchrec.distributed.planner import (
-            EmbeddingShardingPlanner,
-            ParameterConstraints,
-        )
-        from torchrec.distributed.types import ShardingEnv, ShardingType
-        from torchrec.optim.apply_optimizer_in_backward import (
-            apply_optimizer_in_backward,
-        )
+        from torchrec.distributed.types import ShardingEnv
 
         if not comm_ops.get_gradient_division():
             raise RuntimeError("torchrec gradient division is off (comm_ops.set_gradient_division(False)): table "
@@ -179,19 +171,7 @@ class ShardedItemTables:
         self.specs = list(specs)
         self.packed = pack_specs(self.specs)
         self.device = env.device
-        root = _TablesRoot(self.packed, torch.device("meta"))
-        for t in self.packed:
-            params = root.collections[t.name].parameters()
-            if t.kind == FEATURE:
-                apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.0})
-            else:
-                cls, kwargs = _fused_optimizer(cfg, self.device)
-                apply_optimizer_in_backward(cls, params, kwargs)
-        sharding = ShardingType.ROW_WISE.value if cfg.sharding == "row_wise" else ShardingType.TABLE_WISE.value
-        constraints = {t.name: ParameterConstraints(sharding_types=[sharding]) for t in self.packed}
-        sharders = [EmbeddingCollectionSharder()]
-        topology = _topology(env)
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        root, sharders, planner = table_planner(self.packed, cfg, env)
         pg = tdist.GroupMember.WORLD
         plan = planner.collective_plan(root, sharders, pg)
         self.dmp = DistributedModelParallel(root, env=ShardingEnv.from_process_group(pg), plan=plan,
@@ -364,6 +344,34 @@ class ShardReader:
     def full(self, table: str, state: str = "weight") -> torch.Tensor:
         n = next(p["num_rows"] for p in self.packed if p["name"] == table)
         return self.rows(table, state, 0, n)
+
+
+def table_planner(packed: list[PackedTable], cfg: TablesConfig, env):
+    """``(root on the meta device with the fused optimizers attached, sharders, planner)``
+    for ``env`` (anything with ``world_size`` and ``device``): what training shards, and
+    what ``--dry-run`` plans without a process group (``planner.plan(root, sharders)``)."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+    )
+    from torchrec.distributed.types import ShardingType
+    from torchrec.optim.apply_optimizer_in_backward import (
+        apply_optimizer_in_backward,
+    )
+
+    root = _TablesRoot(packed, torch.device("meta"))
+    for t in packed:
+        params = root.collections[t.name].parameters()
+        if t.kind == FEATURE:
+            apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.0})
+        else:
+            cls, kwargs = _fused_optimizer(cfg, env.device)
+            apply_optimizer_in_backward(cls, params, kwargs)
+    sharding = ShardingType.ROW_WISE.value if cfg.sharding == "row_wise" else ShardingType.TABLE_WISE.value
+    constraints = {t.name: ParameterConstraints(sharding_types=[sharding]) for t in packed}
+    planner = EmbeddingShardingPlanner(topology=_topology(env), constraints=constraints)
+    return root, [EmbeddingCollectionSharder()], planner
 
 
 def _topology(env):

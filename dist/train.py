@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the output directory (start fresh if there "
                         "is none); without it an output directory that holds checkpoints is refused")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved experiment config and the DeepSpeed config it hands to DeepSpeed "
+                        "(secrets redacted; keys where the DeepSpeed JSON differs are listed) and exit; starts "
+                        "nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config against the shard set's manifest, build the model on the meta device, "
+                        "print parameter counts, item-table rows and bytes per rank and the planned steps, and "
+                        "exit; starts no process group (world size: WORLD_SIZE, else --world-size)")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="world size that --print-config / --dry-run plan for (default: WORLD_SIZE, else 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; LOCAL_RANK from the environment is used")
     return p
@@ -68,6 +78,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_experiment(args.config, args.overrides)
+        if args.print_config or args.dry_run:
+            if os.environ.get("RANK", "0") != "0":   # under a launcher: rank 0 reports, the rest exit
+                return 0
+            from dist.plan import dry_run, print_config
+
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            if args.print_config:
+                print_config(cfg, args.config, world)
+            if args.dry_run:
+                dry_run(cfg, args.config, world)
+            return 0
         output_dir = args.output_dir or os.path.join("runs", cfg.name)
         from dist.trainer import run
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mmm4rec.config import ConfigError, save_yaml
+from mmm4rec.config import ConfigError, redact_secrets, save_yaml
 
 from .checkpoint import ENGINE_TAG, CheckpointStore, safe_torch_load, tag_for_step
 from .config import ExperimentConfig, zero_stage
@@ -338,7 +338,9 @@ def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.Pat
     if resume_tag is not None:
         trainer.restore(resume_tag)
     monitor = trainer.monitor = Monitor(output_dir, enabled=env.is_main,
-                                        resume_step=trainer.state.step if resume_tag is not None else None)
+                                        resume_step=trainer.state.step if resume_tag is not None else None,
+                                        trackers=cfg.trackers, run_config=redact_secrets(parts.cfg.to_dict()),
+                                        run_name=cfg.name)
     if env.is_main:
         save_yaml(parts.cfg, output_dir / "config.yaml")
         (output_dir / "deepspeed.json").write_text(json.dumps(parts.ds_config, indent=1))

@@ -28,7 +28,11 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "save_yaml", "apply_overrides"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "save_yaml", "apply_overrides", "redact_secrets",
+           "redact_argv"]
+
+#: keys whose values are credentials (storage sections: ``data.storage``, ``checkpoint.storage``)
+SECRET_KEYS = frozenset({"key", "secret", "token", "password", "api_key"})
 
 
 class ConfigError(ValueError):
@@ -142,6 +146,37 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def redact_secrets(mapping: Any, _parent: str = "") -> Any:
+    """A copy of a config mapping (or dataclass) with credentials replaced by ``"***"``:
+    the values of ``SECRET_KEYS`` inside any ``storage`` section, and any ``*_token`` /
+    ``*_secret`` key. What ``--print-config`` and the trackers show."""
+    if dataclasses.is_dataclass(mapping):
+        mapping = to_dict(mapping)
+    if isinstance(mapping, Mapping):
+        out = {}
+        for k, v in mapping.items():
+            secret = (_parent == "storage" and k in SECRET_KEYS) or str(k).endswith(("_token", "_secret"))
+            out[k] = "***" if secret and v not in (None, "") else redact_secrets(v, str(k))
+        return out
+    if isinstance(mapping, (list, tuple)):
+        return [redact_secrets(v, _parent) for v in mapping]
+    return mapping
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with the values of credential overrides (``data.storage.secret=X``,
+    ``...token=X``: what :func:`redact_secrets` hides) replaced by ``***``."""
+    out = []
+    for a in argv:
+        key, eq, _ = a.partition("=")
+        parts = key.split(".")
+        nested = {parts[-2]: {parts[-1]: "x"}} if len(parts) > 1 else {parts[-1]: "x"}
+        if eq and "***" in str(redact_secrets(nested)):
+            a = f"{key}=***"
+        out.append(a)
+    return out
 
 
 def _parse_scalar(text: str) -> Any:

@@ -9,7 +9,7 @@ import platform
 def collect() -> dict[str, str]:
     info = {"python": platform.python_version(), "platform": platform.platform()}
     for mod in ("torch", "deepspeed", "torchrec", "fbgemm_gpu", "triton", "webdataset", "fsspec", "s3fs",
-                "safetensors", "sentence_transformers", "mamba_ssm"):
+                "safetensors", "sentence_transformers", "matplotlib", "wandb", "mlflow", "mamba_ssm"):
         try:
             m = importlib.import_module(mod)
             info[mod] = getattr(m, "__version__", "installed")

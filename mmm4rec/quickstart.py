@@ -87,7 +87,7 @@ def _plot(runs: dict[str, dict], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
-        _say("matplotlib is not installed: no plot")
+        _say("matplotlib is not installed: no plot (pip install \"mmm4rec[plots]\")")
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("ndcg@10", "hr@10"), strict=True):

@@ -5,19 +5,20 @@
 #   scripts/setup.sh --dev      + test deps, moto S3 server, mamba-ssm's Triton sources,
 #                               Slurm/munge/iproute2 (Debian)
 #
-# Install order matters on a CPU machine (docs/install.md):
+# The same extras as a pip user's install (pyproject.toml, docs/install.md); the order matters:
 #   1. torch 2.13.0 CPU build first; a constraints file pins it for every later step
-#   2. fbgemm-gpu-cpu 1.8.0 (the one build that loads against torch 2.13.0)
-#   3. torchrec 1.8.0 with --no-deps (its metadata asks for CUDA fbgemm-gpu)
-#   4. everything else from pyproject.toml, under the constraints
-# GPU clusters: see docs/install.md (bring your CUDA torch, then `pip install -e .[gpu]`).
+#   2. mmm4rec with [cpu,s3,features,plots] (+ trackers,dev): [cpu] = fbgemm-gpu-cpu 1.8.0,
+#      the one fbgemm build that loads against torch 2.13.0
+#   3. torchrec 1.8.0 with --no-deps (its metadata asks for the CUDA fbgemm-gpu, so no
+#      extra can name it on CPU)
+# GPU clusters: see docs/install.md (pip install "mmm4rec[gpu,s3]", torchrec included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0
 for a in "$@"; do
   case "$a" in
     --dev) DEV=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -32,12 +33,11 @@ else
   C="-c scripts/constraints-cpu.txt"
   echo "[setup] torch (CPU build)"
   $PIP "torch==2.13.0"
-  echo "[setup] fbgemm-gpu-cpu + torchrec (no-deps)"
-  $PIP $C "fbgemm-gpu-cpu==1.8.0"
-  $PIP $C --no-deps "torchrec==1.8.0"
-  echo "[setup] mmm4rec and its dependencies"
-  if [ "$DEV" = 1 ]; then EXTRAS="[s3,dev]"; else EXTRAS="[s3]"; fi
+  if [ "$DEV" = 1 ]; then EXTRAS="[cpu,s3,features,plots,trackers,dev]"; else EXTRAS="[cpu,s3,features,plots]"; fi
+  echo "[setup] mmm4rec$EXTRAS (fbgemm-gpu-cpu through [cpu])"
   DS_BUILD_OPS=0 $PIP $C -e ".$EXTRAS"
+  echo "[setup] torchrec (no-deps)"
+  $PIP $C --no-deps "torchrec==1.8.0"
   if [ "$DEV" = 1 ]; then
     # mamba_ssm's Triton sources without its CUDA extensions: the kernel tests compare our
     # SSD with its mamba_chunk_scan_combined under Triton's interpreter (docs/kernels.md)

@@ -64,15 +64,10 @@ def test_zero_stage_outside_0_to_3_is_rejected(tmp_path, stage):
         load_deepspeed_config(cfg)
 
 
-def test_deepspeed_json_cannot_own_experiment_fields(tmp_path):
+def test_missing_deepspeed_json_lists_the_bundled_ones():
     from dist.config import load_deepspeed_config
 
-    js = tmp_path / "ds.json"
-    js.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 4,
-                              "optimizer": {"type": "AdamW"}}))
-    with pytest.raises(ConfigError, match=r"set by the experiment YAML"):
-        load_deepspeed_config(load(TINY_FT, f"train.deepspeed={js}"))
-    with pytest.raises(ConfigError, match=r"train\.deepspeed: .*zero9\.json not found"):
+    with pytest.raises(ConfigError, match=r"train\.deepspeed: .*zero9\.json not found \(bundled: \['zero0', "):
         load_deepspeed_config(load(TINY_FT, "train.deepspeed=zero9"))
 
 
