@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "mmm4rec.quickstart",   # quickstart
     "data_shards.cli",      # data build / inspect
     "dist.cli",             # train / evaluate / export
+    "mmm4rec.serving.cli",  # retrieval export / items / recommend
     "mmm4rec.envinfo",      # env
 )
 

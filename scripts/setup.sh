@@ -33,7 +33,7 @@ else
   C="-c scripts/constraints-cpu.txt"
   echo "[setup] torch (CPU build)"
   $PIP "torch==2.13.0"
-  if [ "$DEV" = 1 ]; then EXTRAS="[cpu,s3,features,plots,trackers,dev]"; else EXTRAS="[cpu,s3,features,plots]"; fi
+  if [ "$DEV" = 1 ]; then EXTRAS="[cpu,s3,features,plots,trackers,serve,dev]"; else EXTRAS="[cpu,s3,features,plots]"; fi
   echo "[setup] mmm4rec$EXTRAS (fbgemm-gpu-cpu through [cpu])"
   DS_BUILD_OPS=0 $PIP $C -e ".$EXTRAS"
   echo "[setup] torchrec (no-deps)"

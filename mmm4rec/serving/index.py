@@ -1,0 +1,84 @@
+"""FAISS indexes over the item vectors (inner product, so score = user . item).
+
+Index id ``j`` is serving row ``j + 1`` (row 0 is padding and never indexed); rows are
+append-only, so ids stay in step with the rows through ``items add``. Removed or replaced
+rows stay in the index and are filtered at search time with an ``IDSelector``.
+
+* ``exact``: ``IndexFlatIP``, brute force, the reference.
+* ``approx``: ``IndexIVFFlat`` (inner product), ``nlist`` k-means cells of which
+  ``nprobe`` are scanned per query.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["KINDS", "build_index", "default_nlist", "default_nprobe", "faiss", "search"]
+
+KINDS = ("exact", "approx")
+
+
+def faiss():
+    try:
+        import faiss as _faiss
+    except ImportError:
+        raise ImportError("serving needs FAISS: pip install 'mmm4rec[serve]' (faiss-cpu)") from None
+    return _faiss
+
+
+def default_nlist(n: int) -> int:
+    """About 4 sqrt(n) cells, at least 39 training points per cell (FAISS's minimum)."""
+    return max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39))
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(1, min(nlist, nlist // 16 if nlist >= 256 else nlist // 4))
+
+
+def build_index(kind: str, vectors: np.ndarray, nlist: int | None = None, seed: int = 0):
+    """An index over ``vectors`` (float32 [n, N], rows 1..n of the serving table)."""
+    f = faiss()
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = x.shape
+    if kind == "exact":
+        index = f.IndexFlatIP(d)
+    elif kind == "approx":
+        nlist = nlist or default_nlist(n)
+        quantizer = f.IndexFlatIP(d)
+        index = f.IndexIVFFlat(quantizer, d, nlist, f.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        # k-means on at most 256 points per cell (FAISS's default sample), seeded
+        rng = np.random.default_rng(seed)
+        train = x if n <= 256 * nlist else x[rng.choice(n, 256 * nlist, replace=False)]
+        index.train(train)
+        index.nprobe = default_nprobe(nlist)
+    else:
+        raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+    if n:
+        index.add(x)
+    return index
+
+
+def search(index, queries: np.ndarray, k: int, removed: np.ndarray | None = None, nprobe: int | None = None):
+    """(scores [b, k], ids [b, k]) of the top ``k`` index ids; ``removed``: index ids to skip.
+    Missing results (fewer than ``k`` candidates) have id -1."""
+    f = faiss()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k = max(1, min(k, index.ntotal))
+    is_ivf = hasattr(index, "nprobe")
+    params = inner = outer = None   # the selectors must outlive the search (FAISS keeps pointers)
+    has_removed = removed is not None and len(removed) > 0
+    if has_removed or (is_ivf and nprobe):
+        params = f.SearchParametersIVF() if is_ivf else f.SearchParameters()
+        if has_removed:
+            inner = f.IDSelectorBatch(np.ascontiguousarray(removed, dtype=np.int64))
+            outer = f.IDSelectorNot(inner)
+            params.sel = outer
+        if is_ivf:
+            params.nprobe = int(nprobe or index.nprobe)
+    if params is None:
+        return index.search(q, k)
+    out = index.search(q, k, params=params)
+    del inner, outer
+    return out
