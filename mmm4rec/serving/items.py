@@ -55,9 +55,13 @@ def read_item_records(path: str | Path) -> list[dict]:
 
 
 def text_encoder_for(retrieval: Retrieval, **kwargs):
-    """The catalog's text encoder, when it is one that runs offline from a name."""
+    """The catalog's text encoder, when it is one that runs offline from a name; it shares
+    the project's text-vector cache (``mmm4rec.paths.text_cache_dir``) with ``data build``."""
     from data_shards.features import TextEncoder
 
+    from ..paths import text_cache_dir
+
+    kwargs.setdefault("cache_dir", text_cache_dir())
     name = retrieval.manifest["catalog"].get("text_encoder") or ""
     m = re.fullmatch(r"(.+?)(?: \(max_seq_length=(\d+)\))?", name)
     model, max_len = (m.group(1), int(m.group(2)) if m.group(2) else None) if m else (name, None)
