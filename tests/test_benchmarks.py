@@ -60,3 +60,20 @@ def test_data_loader_benchmark_smoke(tmp_path):
     row = next(line for line in md.read_text().splitlines() if line.startswith("| 0 |"))
     assert row.count("|") == 7, out[-3000:]
     assert "| 10928 |" in row                   # every train sample of the bundled set, once
+
+
+def test_retrieval_benchmark_smoke(tmp_path):
+    md = tmp_path / "r.md"
+    out = _run("benchmarks/retrieval.py", "--sizes", "3000", "--queries", "64", "--batch", "32",
+               "--markdown", str(md))
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| 3,000 |"))
+    assert "x |" in row and "user tower alone" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_cold_start_script_smoke(tmp_path, shared_data):
+    """The whole protocol (hold-out, export, items add, metrics) with an untrained model."""
+    md = tmp_path / "c.md"
+    out = _run("benchmarks/cold_start.py", "--epochs", "0", "--markdown", str(md), timeout=1200)
+    text = md.read_text()
+    assert "| cold |" in text and "held-out items only" in text, out[-3000:]

@@ -79,7 +79,7 @@ def export_retrieval(model, item_table, out: str | os.PathLike, *, rows: np.ndar
         rows: the item ids (1..num_items) to serve, in order (default: all); the others can
             be added later with ``items add`` (cold-start evaluation).
         source / catalog: what the manifest records about the model and the shard set.
-        nlist: cells of the approximate (IVF) index (default ~4 sqrt(n)).
+        nlist: cells of the approximate (IVF) index (default ~sqrt(n)).
     """
     _check_servable(model)
     model = model.eval()

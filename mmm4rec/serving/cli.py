@@ -15,24 +15,9 @@ __all__ = ["read_histories", "register"]
 def read_histories(path: str) -> list[dict]:
     """JSON lines ``{"id": any (optional), "items": [item ids], "times": [numbers] (optional)}``
     ('-' reads stdin); errors name the file, line and field."""
-    f = sys.stdin if path == "-" else None
-    if f is None and not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    out = []
-    with (f or open(path, encoding="utf-8")) as fh:
-        for ln, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{ln}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'items' (and 'times')")
-            rec["_where"] = where
-            out.append(rec)
-    return out
+    from .items import read_json_lines
+
+    return read_json_lines(path, "a history with 'items' (and 'times')")
 
 
 def _retrieval_export(args) -> int:
@@ -115,7 +100,7 @@ def register(subparsers) -> None:
     e.add_argument("--data", required=True, metavar="URL", help="shard set (local path or s3://) whose items to serve")
     e.add_argument("--out", required=True, metavar="DIR", help="output directory")
     e.add_argument("--nlist", type=int, default=None, metavar="N",
-                   help="IVF cells of the approximate index (default about 4 sqrt(items))")
+                   help="IVF cells of the approximate index (default about sqrt(items))")
     e.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     e.set_defaults(func=_retrieval_export)
 

@@ -27,30 +27,39 @@ import torch
 
 from .store import Retrieval
 
-__all__ = ["add_items", "read_item_records", "remove_items", "text_encoder_for", "update_items"]
+__all__ = ["add_items", "read_item_records", "read_json_lines", "remove_items", "text_encoder_for", "update_items"]
 
 
-def read_item_records(path: str | Path) -> list[dict]:
-    """JSON lines of items; errors name the file, line and field (``ValueError``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
+def read_json_lines(path: str | Path, what: str) -> list[dict]:
+    """JSON objects, one a line ('-': stdin), each with ``_where`` = ``file:line``; errors
+    name the file and line (``ValueError``). ``what`` says what an object should be."""
+    import sys
+
+    if path != "-" and not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     out = []
-    with open(p, encoding="utf-8") as f:
+    with (sys.stdin if path == "-" else open(path, encoding="utf-8")) as f:
         for ln, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{p}:{ln}"
+            where = f"{path}:{ln}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            if not isinstance(rec.get("item_id"), (str, int)) or str(rec["item_id"]) == "":
-                raise ValueError(f"{where}: field 'item_id' is missing or not a string")
+                raise ValueError(f"{where}: expected a JSON object ({what})")
             rec["_where"] = where
             out.append(rec)
+    return out
+
+
+def read_item_records(path: str | Path) -> list[dict]:
+    """JSON lines of items (module docstring); errors name the file, line and field."""
+    out = read_json_lines(path, "an item")
+    for rec in out:
+        if not isinstance(rec.get("item_id"), (str, int)) or str(rec["item_id"]) == "":
+            raise ValueError(f"{rec['_where']}: field 'item_id' is missing or not a string")
     return out
 
 
