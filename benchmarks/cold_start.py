@@ -107,6 +107,9 @@ def main() -> int:
     model = MMM4Rec(cfg)
     model.set_item_table(table)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    warm_ids = np.flatnonzero(~is_held[1:]) + 1          # the softmax runs over these (never padding)
+    warm_pos = np.full(n_items + 1, -1)
+    warm_pos[warm_ids] = np.arange(len(warm_ids))
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
@@ -115,10 +118,8 @@ def main() -> int:
         for s in tqdm(range(0, len(order), 256), desc=f"epoch {epoch + 1}", unit="batch"):
             batch = collate([train[i] for i in order[s:s + 256]], MAX_LEN)
             # the full softmax over warm items only: a held-out item is never a negative either
-            u, V = model(batch, torch.from_numpy(np.flatnonzero(~is_held)))
-            logits = u @ V.T
-            warm_index = np.cumsum(~is_held) - 1
-            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(warm_index[batch["target"].numpy()]))
+            u, V = model(batch, torch.from_numpy(warm_ids))
+            loss = torch.nn.functional.cross_entropy(u @ V.T, torch.from_numpy(warm_pos[batch["target"].numpy()]))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -128,7 +129,7 @@ def main() -> int:
     model.eval()
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = export_retrieval(model, table, Path(tmp) / "ret", rows=np.flatnonzero(~is_held[1:]) + 1)
+        out = export_retrieval(model, table, Path(tmp) / "ret", rows=warm_ids)
         ret = Retrieval.load(out)
         served_before = ret.num_active
         add_items(ret, [{"item_id": str(table.item_ids[i]), "text": str(table.item_text[i])} for i in held])

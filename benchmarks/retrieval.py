@@ -70,14 +70,20 @@ def synthetic_vectors(ret: Retrieval, n: int, seed: int, chunk: int = 65536) -> 
     return out
 
 
-def time_it(fn, batches) -> float:
-    """queries/s over all ``batches`` (after one warm-up batch)."""
-    fn(batches[0])
-    n, t0 = 0, time.perf_counter()
+def time_alternating(fns: dict, batches) -> dict[str, float]:
+    """queries/s of each ``fns[name](batch)``, run alternately batch by batch (after one
+    warm-up call each), so that a change in machine load hits every column alike."""
+    for fn in fns.values():
+        fn(batches[0])
+    spent = dict.fromkeys(fns, 0.0)
+    n = 0
     for b in batches:
-        fn(b)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(b)
+            spent[name] += time.perf_counter() - t0
         n += len(b)
-    return n / (time.perf_counter() - t0)
+    return {name: n / t for name, t in spent.items()}
 
 
 def main() -> int:
@@ -105,7 +111,7 @@ def main() -> int:
             for s in test]
     hist = (hist * (1 + args.queries // len(hist)))[:args.queries]
     batches = [hist[s:s + args.batch] for s in range(0, len(hist), args.batch)]
-    tower_qps = time_it(ret.user_vectors, batches)
+    tower_qps = time_alternating({"tower": ret.user_vectors}, batches)["tower"]
     users = ret.user_vectors(hist)
     print(f"user tower alone: {tower_qps:,.0f} queries/s (batch {args.batch}, {args.threads} threads)", flush=True)
 
@@ -128,11 +134,11 @@ def main() -> int:
         ivf = ret.indexes["approx"]
         print(f"{n:,} items: encoded in {t_enc:.1f}s; exact index {build['exact']:.1f}s, IVF (nlist {ivf.nlist}, "
               f"nprobe {ivf.nprobe}) {build['approx']:.1f}s", flush=True)
-        qps = {kind: time_it(lambda b, kind=kind: ret.recommend(b, k=10, index=kind), batches)
-               for kind in idx.KINDS}
+        qps = time_alternating({kind: lambda b, kind=kind: ret.recommend(b, k=10, index=kind)
+                                for kind in idx.KINDS}, batches)
         ubatches = [users[s:s + args.batch] for s in range(0, len(users), args.batch)]
-        index_qps = {kind: time_it(lambda u, kind=kind: ret.search_vectors(u, 10, kind), ubatches)
-                     for kind in idx.KINDS}
+        index_qps = time_alternating({kind: lambda u, kind=kind: ret.search_vectors(u, 10, kind)
+                                      for kind in idx.KINDS}, ubatches)
         exact, _ = ret.search_vectors(users, 10, "exact")
         approx, _ = ret.search_vectors(users, 10, "approx")
         recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
