@@ -132,7 +132,11 @@ def test_exact_index_topk_equals_full_ranking(exported, trained, sample):
     ids, scores = as_arrays(ret.recommend(histories(table, test), k=K))
     ref_i, ref_s = full_topk(trained, test)
     swaps = assert_same_ranking(ids, scores, np.asarray(table.item_ids)[ref_i], ref_s)
-    print(f"exact top-{K} of {len(test)} users: {swaps} positions swapped within score ties")
+    V = trained.item_vectors().detach().numpy()
+    row = {str(x): r for r, x in enumerate(table.item_ids)}
+    same = sum(np.array_equal(V[row[a]], V[b]) for a, b in zip(ids.ravel(), ref_i.ravel()) if row[a] != b)
+    print(f"exact top-{K} of {len(test)} users: {swaps} positions swapped within score ties, {same} of them "
+          "between items with identical vectors (items with the same features)")
     # with history exclusion: the model's full ranking with the history masked
     ids, scores = as_arrays(ret.recommend(histories(table, test), k=K, exclude_history=True))
     ref_i, ref_s = full_topk(trained, test, exclude_history=True)
