@@ -7,7 +7,7 @@ resumable. See ``docs/data.md``.
 """
 from .bundled import SAMPLE_DATASETS, ensure_sample_shards
 from .config import ShardsConfig, StorageConfig
-from .errors import BadRecords, DataError, ManifestError, ShardError
+from .errors import BadRecords, DataError, ManifestError, ShardError, StorageError, one_line
 from .features import FeatureFile, TextEncoder
 from .importer import import_dataset
 from .interactions import (
@@ -34,6 +34,8 @@ __all__ = [
     "SequenceLoader",
     "Sequences",
     "ShardError",
+    "StorageError",
+    "one_line",
     "ShardsConfig",
     "StorageConfig",
     "TextEncoder",

@@ -134,7 +134,7 @@ def _build(args) -> int:
 
 def _inspect(args) -> int:
     from . import load_item_table, read_manifest
-    from .shards import Store, read_shard_records
+    from .shards import Store, decode_sequence, read_shard_records
 
     storage = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
     manifest = read_manifest(args.url, storage)
@@ -142,10 +142,12 @@ def _inspect(args) -> int:
     if args.verify:
         store = Store(args.url, storage)
         for entry in manifest["sequences"]["shards"]:
-            read_shard_records(store, entry, verify=True)
-        load_item_table(args.url, storage, verify=True)
+            where = store.display(entry["path"])
+            for rec in read_shard_records(store, entry, verify=True):
+                decode_sequence(rec, where, int(manifest["num_items"]))   # ids in 1..num_items
+        load_item_table(args.url, storage, verify=True)                    # finite features
         print(f"\nverified {len(manifest['sequences']['shards']) + len(manifest['items']['shards'])} shards "
-              "against the manifest checksums")
+              "against the manifest checksums; every item id is in 1..num_items, every feature finite")
     return 0
 
 

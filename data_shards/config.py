@@ -3,16 +3,23 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmm4rec.config import ConfigError
+from mmm4rec.config import REDACTED, ConfigError
 
 __all__ = ["ShardsConfig", "StorageConfig"]
 
 
 @dataclasses.dataclass
 class StorageConfig:
-    """Object-store access. Unset fields fall back to the standard AWS variables
-    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ...).
-    Prefer the variables for credentials: a YAML file is easy to leak."""
+    """Object-store access. Unset fields fall back to botocore's standard chain: the
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` variables,
+    ``AWS_PROFILE`` in ``~/.aws/credentials``, then instance/container roles; the endpoint
+    from ``AWS_ENDPOINT_URL[_S3]``. Prefer that chain for credentials: ``key``, ``secret``
+    and ``token`` are never written to a saved config (``***``, see
+    ``mmm4rec.config.redact_secrets``), and a redacted value read back counts as unset.
+
+    ``retry_seconds``: how long an endpoint that has answered before is retried (with
+    backoff) when it stops answering mid-run, before the run gives up (docs/reliability.md).
+    """
 
     endpoint_url: str | None = None
     key: str | None = None
@@ -20,10 +27,16 @@ class StorageConfig:
     token: str | None = None
     region: str | None = None
     anon: bool = False
+    retry_seconds: float = 180.0
+
+    def validate(self) -> None:
+        if self.retry_seconds < 0:
+            raise ConfigError(f"retry_seconds: must be >= 0, got {self.retry_seconds}")
 
     def to_options(self) -> dict:
-        """fsspec ``storage_options`` (only the fields that are set)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}
+        """fsspec ``storage_options`` (only the fields that are set; ``retry_seconds`` is ours)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v not in (None, False, REDACTED) and k != "retry_seconds"}
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-__all__ = ["BadRecord", "BadRecords", "DataError", "ManifestError", "ShardError"]
+__all__ = ["BadRecord", "BadRecords", "DataError", "ManifestError", "ShardError", "StorageError", "one_line"]
 
 
 class DataError(ValueError):
@@ -31,6 +31,24 @@ class ShardError(DataError):
 
 class ManifestError(DataError):
     """``manifest.json`` is missing, malformed or from a newer schema."""
+
+
+class StorageError(DataError):
+    """The object store cannot be used: endpoint unreachable (at start, or for longer than
+    ``retry_seconds`` mid-run), no or wrong credentials, no such bucket. ``where`` is the
+    URL, ``why`` the cause (``data_shards.storage``)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user-facing error on one line. An error raised in a DataLoader
+    worker comes back as ``Caught X in DataLoader worker process N.\nOriginal Traceback
+    ...``: its last line (``pkg.X: message``) is the message."""
+    text = str(error).strip()
+    if "\n" in text and text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and " " not in head else last
+    return text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ field at fault.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import html
@@ -59,6 +60,49 @@ def item_text_from_fields(title=None, brand=None, categories=None, description=N
     (list-valued categories joined by ", ", description paragraphs by " ")."""
     parts = [_clean(title), _clean(brand), _clean(categories), _clean(description, " "), *map(_clean, extra)]
     return ". ".join(p for p in (p.rstrip(". ") for p in parts) if p)
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, int, int] | None:
+    """(line, column, byte) of the first byte of ``path`` that is not UTF-8 (gz-aware), or None."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, col_start, offset = 1, 0, 0
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                head = chunk[:e.start]
+                nl = head.rfind(b"\n")
+                line += head.count(b"\n")
+                col = e.start - nl if nl >= 0 else offset + e.start - col_start + 1
+                return line, col, chunk[e.start]
+            nl = chunk.rfind(b"\n")
+            line += chunk.count(b"\n")
+            if nl >= 0:
+                col_start = offset + nl + 1
+            offset += len(chunk)
+    return None
+
+
+@contextlib.contextmanager
+def open_text(path: Path, **kwargs):
+    """Open a UTF-8 text file (``.gz`` too); text that is not UTF-8 raises a
+    :class:`DataError` naming the file, line and byte instead of a bare codec error."""
+    path = Path(path)
+    f = gzip.open(path, "rt", encoding="utf-8", **kwargs) if path.suffix == ".gz" else \
+        open(path, encoding="utf-8", **kwargs)
+    try:
+        with f:
+            yield f
+    except UnicodeDecodeError:
+        where = _first_bad_utf8(path)
+        if where is None:
+            raise
+        line, col, byte = where
+        raise DataError(f"{path}:{line}", f"not UTF-8 text (byte 0x{byte:02x} at column {col}); "
+                                          f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _need(path: Path) -> Path:
@@ -102,7 +146,7 @@ class _Coder:
 def _read_index(path: Path, bad: BadRecords) -> dict[int, str]:
     """``<original id>\\t<index>`` lines -> {index: original id}."""
     out: dict[int, str] = {}
-    with open(_need(path), encoding="utf-8") as f:
+    with open_text(_need(path)) as f:
         for ln, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
@@ -120,7 +164,7 @@ def _read_index(path: Path, bad: BadRecords) -> dict[int, str]:
 def _read_inter_rows(path: Path, users: dict, items: dict, bad: BadRecords) -> dict[int, list]:
     """UniSRec ``.inter`` -> {user index: [(history, target, line), ...]} in file order."""
     rows: dict[int, list] = {}
-    with open(_need(path), encoding="utf-8") as f:
+    with open_text(_need(path)) as f:
         header = f.readline().rstrip("\n").split("\t")
         if [h.split(":")[0] for h in header] != ["user_id", "item_id_list", "item_id"]:
             raise DataError(f"{path}:1", f"expected header 'user_id:token  item_id_list:token_seq  item_id:token', "
@@ -188,7 +232,7 @@ def read_unisrec(path: str | Path, name: str | None = None, bad: BadRecords | No
     asins = set(items.values())
     text_path = d / f"{name}.text"
     if text_path.is_file():
-        with open(text_path, encoding="utf-8") as f:
+        with open_text(text_path) as f:
             f.readline()  # header: item_id:token  text:token_seq
             for ln, line in enumerate(f, 2):
                 parts = line.rstrip("\n").split("\t")
@@ -235,7 +279,7 @@ _DESCRIPTION = ("description", "desc")
 
 def _read_atomic(path: Path, bad: BadRecords):
     """A RecBole atomic file -> (field names, types, rows of (line, values))."""
-    with open(_need(path), encoding="utf-8") as f:
+    with open_text(_need(path)) as f:
         header = f.readline().rstrip("\n").split("\t")
         fields, types = [], []
         for h in header:
@@ -322,7 +366,7 @@ def read_recbole(path: str | Path, name: str | None = None, bad: BadRecords | No
 
 def _load_json(path: Path):
     try:
-        with open(_need(path), encoding="utf-8") as f:
+        with open_text(_need(path)) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}", f"not valid JSON: {e.msg} (column {e.colno})") from None
@@ -384,10 +428,6 @@ def read_lcrec(path: str | Path, name: str | None = None, bad: BadRecords | None
 
 # --------------------------------------------------------------------------- Amazon 2018
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def read_amazon2018(path: str | Path, meta: str | Path | None = None, name: str | None = None,
@@ -403,7 +443,7 @@ def read_amazon2018(path: str | Path, meta: str | Path | None = None, name: str 
     meta_path = Path(meta) if meta is not None else ratings.with_name(f"meta_{name}.json.gz")
     catalogue: dict[str, str] = {}
     try:
-        with _open_text(_need(meta_path)) as f:
+        with open_text(_need(meta_path)) as f:
             for ln, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -423,7 +463,7 @@ def read_amazon2018(path: str | Path, meta: str | Path | None = None, name: str 
 
     users, items = _Coder(), _Coder()
     u_col, i_col, t_col = [], [], []
-    with open(ratings, encoding="utf-8", newline="") as f:
+    with open_text(ratings, newline="") as f:
         for ln, row in enumerate(csv.reader(f), 1):
             where = f"{ratings}:{ln}"
             if len(row) != 4:

@@ -186,7 +186,7 @@ class SequenceLoader:
             raise ValueError("batch_size, max_len and shuffle_buffer must be >= 1, num_workers and seed >= 0")
         if storage_options is None and isinstance(cfg_or_url, ShardsConfig):
             storage_options = cfg.storage.to_options()
-        self.store = Store(url, storage_options)
+        self.store = Store(url, storage_options, retry_seconds=cfg.storage.retry_seconds)   # outages: retried
         self.manifest = read_manifest(url, store=self.store)
         self._shards = self.manifest["sequences"]["shards"]
         self._counts = np.array([s["samples"][split] for s in self._shards], dtype=np.int64)
@@ -377,7 +377,7 @@ class SequenceLoader:
     def _read_piece(self, shard: int, lo: int, hi: int) -> _Chunk:
         entry = self._shards[shard]
         where = self.store.display(entry["path"])
-        recs = [decode_sequence(r, where) for r in read_shard_records(self.store, entry, self.verify)]
+        recs = [decode_sequence(r, where, self.num_items) for r in read_shard_records(self.store, entry, self.verify)]
         lengths = np.array([len(r["items"]) for r in recs], dtype=np.int64)
         seq, target = sample_index(lengths, self.split)
         if len(seq) != entry["samples"][self.split]:

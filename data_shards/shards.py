@@ -35,6 +35,8 @@ from .storage import Store
 __all__ = [
     "SCHEMA_VERSION",
     "build_shards",
+    "check_finite_features",
+    "check_item_ids",
     "decode_sequence",
     "iter_sequences",
     "load_item_table",
@@ -44,6 +46,45 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------- checks
+def check_item_ids(items: np.ndarray, num_items: int, where: str, user=None) -> None:
+    """Every id of a sequence in ``1..num_items``; the error names the record, the
+    position and the id (an out-of-range id is a device assert or a wrong row on GPU)."""
+    if items.size and (items.min() < 1 or items.max() > num_items):
+        pos = int(np.flatnonzero((items < 1) | (items > num_items))[0])
+        who = f" (user {user})" if user is not None else ""
+        raise ShardError(where, f"item id {int(items[pos])} at position {pos}{who} is outside 1..{num_items} "
+                                f"(num_items)")
+
+
+def check_finite_features(features: np.ndarray, modality: str, where: str, ids=None, names=None) -> None:
+    """Item feature rows must be finite: a NaN/inf vector makes every loss NaN. The error
+    names the item (id and original id) and the feature column."""
+    if features is None or not features.size:
+        return
+    bad = ~np.isfinite(features)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        item = int(ids[row]) if ids is not None else row
+        name = f" ({names[row]!r})" if names is not None and row < len(names) and names[row] else ""
+        n_bad = int(bad.any(axis=1).sum())
+        raise ShardError(where, f"{modality} features of item {item}{name} are not finite ({features[row, col]} in "
+                                f"column {col}); {n_bad} item(s) affected: fix or drop them before training")
+
+
+def check_interaction_data(data: InteractionData) -> None:
+    """What ``build_shards`` refuses to write: ids outside ``1..num_items``, NaN/inf features."""
+    seqs, items = data.sequences, data.items
+    n = items.num_items
+    if len(seqs.items) and (seqs.items.min() < 1 or seqs.items.max() > n):
+        k = int(np.flatnonzero((seqs.items < 1) | (seqs.items > n))[0])
+        u = int(np.searchsorted(seqs.offsets, k, side="right") - 1)
+        check_item_ids(seqs[u].items, n, f"{data.meta.name}: user {seqs.user_ids[u]!r}")
+    check_finite_features(items.text, "text", f"{data.meta.name}: item table", names=items.item_ids)
+    if items.image is not None:
+        check_finite_features(items.image, "image", f"{data.meta.name}: item table", names=items.item_ids)
 
 
 def _tar_bytes(records: list[dict[str, bytes]]) -> bytes:
@@ -108,6 +149,7 @@ def build_shards(data: InteractionData, out_url: str, shard_size: int = 1000,
     """
     if shard_size < 1 or items_per_shard < 1:
         raise ValueError(f"shard_size ({shard_size}) and items_per_shard ({items_per_shard}) must be >= 1")
+    check_interaction_data(data)
     store = Store(out_url, storage_options)
     seqs, items = data.sequences, data.items
     lengths = seqs.lengths
@@ -214,8 +256,9 @@ def read_shard_records(store: Store, entry: Mapping[str, Any], verify: bool = Tr
     return records
 
 
-def decode_sequence(rec: Mapping[str, bytes], where: str) -> dict:
-    """A sequence record -> ``{"user", "user_id", "domain", "items": int64 [n], "times": float64 [n]}``."""
+def decode_sequence(rec: Mapping[str, bytes], where: str, num_items: int | None = None) -> dict:
+    """A sequence record -> ``{"user", "user_id", "domain", "items": int64 [n], "times": float64 [n]}``;
+    with ``num_items``, every id is checked to be in ``1..num_items``."""
     try:
         d = json.loads(rec["json"])
         d["items"] = np.asarray(d["items"], dtype=np.int64)
@@ -225,6 +268,8 @@ def decode_sequence(rec: Mapping[str, bytes], where: str) -> dict:
         int(d["user"])
     except (KeyError, ValueError, TypeError) as e:
         raise ShardError(f"{where}:{rec.get('__key__')}", f"bad sequence record: {e!r}") from None
+    if num_items is not None:
+        check_item_ids(d["items"], num_items, f"{where}:{rec.get('__key__')}", d.get("user_id"))
     return d
 
 
@@ -252,12 +297,15 @@ def load_item_table(url: str, storage_options: Mapping[str, Any] | None = None, 
             ids = _load_npy(rec, "ids.npy", where)
             if ids.size and (ids.min() < 1 or ids.max() > n):
                 raise ShardError(f"{where}:{rec['__key__']}", f"item ids outside 1..{n}")
+            meta = json.loads(rec["meta.json"])
+            rec_where = f"{where}:{rec['__key__']}"
             text[ids] = _load_npy(rec, "text.npy", where)
+            check_finite_features(text[ids], "text", rec_where, ids, meta["item_ids"])
             text_mask[ids] = _load_npy(rec, "text_mask.npy", where)
             image_mask[ids] = _load_npy(rec, "image_mask.npy", where)
             if image is not None:
                 image[ids] = _load_npy(rec, "image.npy", where)
-            meta = json.loads(rec["meta.json"])
+                check_finite_features(image[ids], "image", rec_where, ids, meta["item_ids"])
             for i, a, b, c in zip(ids.tolist(), meta["item_ids"], meta["item_text"], meta["domain"]):
                 item_ids[i], item_text[i], domain[i] = a, b, c
             seen[ids] = True
@@ -272,8 +320,9 @@ def iter_sequences(url: str, storage_options: Mapping[str, Any] | None = None, *
                    verify: bool = True) -> Iterator[dict]:
     """Every sequence record of a shard set, in shard order (for inspection and tests)."""
     store = Store(url, storage_options)
-    for entry in read_manifest(url, store=store)["sequences"]["shards"]:
+    manifest = read_manifest(url, store=store)
+    for entry in manifest["sequences"]["shards"]:
         where = store.display(entry["path"])
         for rec in read_shard_records(store, entry, verify):
-            yield decode_sequence(rec, where)
+            yield decode_sequence(rec, where, int(manifest["num_items"]))
 

@@ -146,12 +146,14 @@ class CheckpointStore:
     Collective methods (``begin``/``commit``) must be called by every rank.
     """
 
-    def __init__(self, location: str, env, keep_last: int = 2, storage_options: dict | None = None):
+    def __init__(self, location: str, env, keep_last: int = 2, storage_options: dict | None = None,
+                 retry_seconds: float | None = None):
         self.location = str(location).rstrip("/")
         self.env = env
         self.keep_last = int(keep_last)
         self.remote = is_url(self.location)
         self.storage_options = dict(storage_options or {})
+        self.retry_seconds = retry_seconds   # outages of a remote store are retried this long (storage.py)
         self._fs = None
         if not self.remote:
             self.root = Path(self.location)
@@ -160,12 +162,12 @@ class CheckpointStore:
     @property
     def fs(self):
         if self._fs is None:
-            import fsspec
+            from data_shards.storage import DEFAULT_RETRY_SECONDS, open_checked, storage_options_for
 
-            from data_shards.storage import storage_options_for
-
-            self._fs, self._root = fsspec.core.url_to_fs(self.location,
-                                                         **storage_options_for(self.location, self.storage_options))
+            # remote calls retry outages; a bad endpoint, credentials or bucket fails here (StorageError)
+            retry = DEFAULT_RETRY_SECONDS if self.retry_seconds is None else self.retry_seconds
+            self._fs, self._root = open_checked(self.location, storage_options_for(self.location,
+                                                                                   self.storage_options), retry)
         return self._fs
 
     def _rpath(self, *parts: str) -> str:
@@ -271,7 +273,8 @@ class CheckpointStore:
             if t in keep:
                 continue
             if self.remote:
-                self.fs.rm(self._rpath(t), recursive=True)
+                with contextlib.suppress(FileNotFoundError):   # a retried delete may find it gone
+                    self.fs.rm(self._rpath(t), recursive=True)
             else:
                 shutil.rmtree(self.root / t, ignore_errors=True)
         if not self.remote:   # stale temp dirs of crashed writes
@@ -295,13 +298,25 @@ class CheckpointStore:
             if not self.fs.exists(self._rpath(tag, STATE_FILE)):
                 raise FileNotFoundError(f"{self.describe(tag)}: not a complete checkpoint (no {STATE_FILE})")
             for path in self.fs.find(src):
-                rel = path[len(src):].lstrip("/")
-                dst = tmp / rel
+                dst = tmp / remote_relpath(src, path, self.describe(tag))
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(path, str(dst))
             yield CheckpointDir(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remote_relpath(root: str, key: str, where: str) -> str:
+    """The local relative path of remote ``key`` under ``root``; refuses keys that would
+    land outside the staging folder (``..``, absolute, empty or foreign parts)."""
+    if not key.startswith(root.rstrip("/") + "/"):
+        raise ValueError(f"{where}: key {key!r} is not under {root!r}; refusing to download it")
+    rel = key[len(root.rstrip("/")) + 1:]
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{where}: key {key!r} has an unsafe path {rel!r} ('..', '.', empty or absolute parts); "
+                         f"refusing to download it")
+    return rel
 
 
 class CheckpointDir:

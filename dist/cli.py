@@ -70,17 +70,6 @@ def launcher_command(nproc: int, train_args: list[str], launcher: str = "deepspe
 
 
 # ------------------------------------------------------------------ commands
-def _check_before_launch(config: str, overrides: list[str], nproc: int) -> None:
-    """The config and DeepSpeed JSON, checked before any process starts (a ConfigError
-    ends ``mmm4rec train`` with exit 2); the keys where the JSON differs from the
-    experiment config are printed (the experiment config wins)."""
-    from .config import deepspeed_overlap, load_deepspeed_config, load_experiment, report_overlap
-
-    cfg = load_experiment(config, overrides)
-    path, ds = load_deepspeed_config(cfg, config)
-    report_overlap(path, deepspeed_overlap(ds, cfg, nproc))
-
-
 def _train(args) -> int:
     train_args = ["--config", args.config]
     if args.output_dir:
@@ -95,16 +84,54 @@ def _train(args) -> int:
         flags = ["--print-config"] * args.print_config + ["--dry-run"] * args.dry_run
         cmd = launcher_command(1, [*train_args, *flags, "--world-size", str(nproc)], "none")
         os.execvpe(cmd[0], cmd, env)
-    _check_before_launch(args.config, args.overrides, nproc)
-    env["MMM4REC_DS_OVERLAP_SHOWN"] = "1"
     launcher = "none" if nproc == 1 and args.launcher == "auto" else \
         ("deepspeed" if args.launcher == "auto" else args.launcher)
+    _check_before_launch(args, launcher, nproc)
+    env["MMM4REC_DS_OVERLAP_SHOWN"] = "1"
     cmd = launcher_command(nproc, train_args, launcher, args.master_port)
     from mmm4rec.config import redact_argv
 
     print("[mmm4rec] " + " ".join(redact_argv(cmd)), file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
+
+
+#: the rendezvous port deepspeed and torchrun use when none is given
+DEFAULT_MASTER_PORT = 29500
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a rendezvous server could listen on ``port`` (all interfaces, as torch's TCPStore)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _check_before_launch(args, launcher: str, nproc: int) -> None:
+    """Checked before any process starts (errors: one line, exit 2, through ``mmm4rec.cli``):
+    the config and DeepSpeed JSON (the keys where the JSON differs from the experiment
+    config are printed; the experiment config wins), the output folder, the shard set's
+    manifest against the model config (reaching the storage), the rendezvous port."""
+    from mmm4rec.config import ConfigError
+
+    from .config import deepspeed_overlap, load_deepspeed_config, load_experiment, report_overlap
+    from .setup import prelaunch_check
+
+    cfg = load_experiment(args.config, args.overrides)
+    path, ds = load_deepspeed_config(cfg, args.config)
+    report_overlap(path, deepspeed_overlap(ds, cfg, nproc))
+    prelaunch_check(cfg, args.config, args.output_dir or os.path.join("runs", cfg.name))
+    if launcher != "none":
+        port = args.master_port or DEFAULT_MASTER_PORT
+        if not port_is_free(port):
+            raise ConfigError(f"--master-port: rendezvous port {port} is already in use (another run?); "
+                              f"pass a free one with --master-port N")
 
 
 def _export(args) -> int:

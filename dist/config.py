@@ -164,8 +164,11 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     log_every_steps: int = 10
+    max_nonfinite_steps: int = 0                       # NaN/inf-loss steps tolerated in a row (bf16 overflow)
 
     def validate(self) -> None:
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"max_nonfinite_steps: must be >= 0, got {self.max_nonfinite_steps}")
         for name in ("epochs", "gradient_accumulation_steps", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

@@ -16,13 +16,16 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from .checkpoint import ENGINE_TAG, CheckpointDir, safe_torch_load
 
-__all__ = ["dense_state_dict", "export_checkpoint", "write_export", "model_from_checkpoint"]
+__all__ = ["dense_state_dict", "export_checkpoint", "write_export", "model_from_checkpoint", "check_export_target",
+           "ExportError", "EXPORT_FILES", "EXPORT_DTYPES"]
 
 
 def dense_state_dict(ck: CheckpointDir) -> dict[str, torch.Tensor]:
@@ -48,30 +51,89 @@ def dense_state_dict(ck: CheckpointDir) -> dict[str, torch.Tensor]:
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+#: what an export holds (the model card, README.md, when written); an output folder is
+#: replaced only when every entry is one of these or one the new export writes
+EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
+
+
+class ExportError(ValueError):
+    """The export's output folder cannot be used (``mmm4rec export``: one line, exit 2)."""
+
+
+def _is_export_header(path: Path) -> bool:
+    try:
+        head = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(head, dict) and "model_type" in head and "config" in head
+
+
+def _foreign_entries(out: Path, own: set[str]) -> list[str]:
+    """Entries of ``out`` that an export does not write (empty: ``out`` is new, empty or an
+    earlier export that may be replaced)."""
+    if not out.exists() and not out.is_symlink():
+        return []
+    if not out.is_dir() or out.is_symlink():
+        raise ExportError(f"{out}: exists and is not a directory; give a new or empty folder, or an earlier export")
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if n not in own or not (out / n).is_file()]
+    if not foreign and names and not _is_export_header(out / "config.json"):
+        foreign = names   # files with an export's names, but no export: not ours to replace
+    return foreign
+
+
+def check_export_target(out: str | os.PathLike, own: tuple[str, ...] = EXPORT_FILES) -> Path:
+    """Refuse an output folder that holds anything an export does not write: an export
+    never deletes a user's files (``mmm4rec export CKPT .`` must not empty the folder)."""
+    out = Path(out)
+    foreign = _foreign_entries(out, set(own))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"{out}: not empty and not an earlier export (it holds {shown}); nothing was written "
+                          f"or deleted: give a new or empty folder, or an earlier export to replace")
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path, own: set[str]) -> None:
+    check_export_target(out, tuple(own))   # again: the folder may have changed while we wrote
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(out, old)          # the earlier export (checked: export files only)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        if out.is_dir():
+            out.rmdir()               # empty: nothing to lose
+        os.replace(tmp, out)
+
+
 def write_export(model_type: str, config, state: dict[str, torch.Tensor], out: str | os.PathLike,
                  dtype: str = "fp32", card: str | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ ``README.md``, the model card,
-    when given) atomically (temp dir, then rename). ``dtype``: fp32 or bf16 for the
-    floating-point tensors (``config.json`` records it; loading casts back to the model's)."""
+    when given) into a temporary sibling of ``out``, then move it into place: a new folder
+    is renamed in; an earlier export (nothing but export files) is swapped out by two
+    renames and then removed; a folder with anything else is refused (:class:`ExportError`)
+    before and after writing. ``dtype``: fp32 or bf16 for the floating-point tensors
+    (``config.json`` records it; loading casts back to the model's)."""
     from safetensors.torch import save_file
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype: must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: (v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in state.items()},
-              str(tmp / "model.safetensors"))
-    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    head = {"model_type": model_type, "config": cfg, "dtype": str(EXPORT_DTYPES[dtype]).removeprefix("torch.")}
-    (tmp / "config.json").write_text(json.dumps(head, indent=2))
-    if card is not None:
-        (tmp / "README.md").write_text(card)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    out = check_export_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        save_file({k: (v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+                   for k, v in state.items()}, str(tmp / "model.safetensors"))
+        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        head = {"model_type": model_type, "config": cfg, "dtype": str(EXPORT_DTYPES[dtype]).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(head, indent=2))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        _swap_into_place(tmp, out, own={*EXPORT_FILES, *(p.name for p in tmp.iterdir())})
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)   # only our own temporary folder
     return out
 
 
@@ -79,6 +141,7 @@ def export_checkpoint(checkpoint: str | os.PathLike | CheckpointDir, out: str | 
                       dtype: str = "fp32") -> Path:
     """``mmm4rec export CHECKPOINT OUT``: the transferable weights of a checkpoint, with a
     model card (``README.md``: config, data manifest digest, feature encoders, metrics)."""
+    check_export_target(out)   # before the (slow) consolidation
     ck = checkpoint if isinstance(checkpoint, CheckpointDir) else CheckpointDir.resolve(checkpoint)
     mc = ck.model_config
     state = dense_state_dict(ck)

@@ -24,8 +24,8 @@ from .config import (
     resolve_model_config,
 )
 
-__all__ = ["preflight", "build", "plan_steps", "Parts", "read_export_header", "check_export_compatible",
-           "resolve_data_url"]
+__all__ = ["preflight", "check_output_dir", "check_data_against_config", "prelaunch_check", "build", "plan_steps",
+           "Parts", "read_export_header", "check_export_compatible", "resolve_data_url"]
 
 
 # ---------------------------------------------------------------------- init_from
@@ -89,6 +89,45 @@ def resolve_data_url(cfg: ExperimentConfig, env) -> str:
 
 
 # ---------------------------------------------------------------------- building
+def check_output_dir(output_dir: Path) -> None:
+    """``--output-dir`` must be a directory (or not exist yet), and its ``export/`` new, empty
+    or an earlier export: checked before any training, not after it."""
+    from .export import check_export_target
+
+    for p in (output_dir, *output_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--output-dir {output_dir}: {p} is a file, not a directory; choose another "
+                              f"output directory")
+        if p.exists():
+            break
+    check_export_target(output_dir / "export")
+
+
+def check_data_against_config(cfg: ExperimentConfig, manifest: dict, url: str):
+    """The model config this data gives (``resolve_model_config``), and what the data must
+    have for it: text features for a model with a text tower. (A shard set without images
+    trains a model with ``image_dim``: zero rows, image mask False, see docs/training.md.)"""
+    model_type, model_cfg = resolve_model_config(cfg, manifest)
+    text = manifest.get("features", {}).get("text", {})
+    if hasattr(model_cfg, "text_dim") and not text.get("dim"):
+        raise ConfigError(f"data.url: the shard set {url} has no text features ({model_type} needs them); "
+                          f"rebuild it with a text encoder (mmm4rec data build ... without --text-encoder none)")
+    return model_type, model_cfg
+
+
+def prelaunch_check(cfg: ExperimentConfig, config_file: str | None, output_dir: str | Path) -> None:
+    """What ``mmm4rec train`` checks before it starts any process: the config, the output
+    folder, and (for a ``data.url``) the shard set's manifest against the model config --
+    also reaching the storage, so a bad endpoint/credentials/bucket fails here."""
+    from data_shards import read_manifest
+
+    preflight(cfg, config_file, announce=False)   # rank 0 reports the DeepSpeed overlap
+    check_output_dir(Path(output_dir).resolve())
+    if cfg.data.url:
+        manifest = read_manifest(cfg.data.url, cfg.data.storage.to_options())
+        check_data_against_config(cfg, manifest, cfg.data.url)
+
+
 def preflight(cfg: ExperimentConfig, config_file: str | None, world_size: int | None = None,
               announce: bool = True) -> dict:
     """Checks that need no processes; returns the experiment's DeepSpeed JSON. Where the
@@ -160,7 +199,7 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, url=url, sample=None))
     storage = cfg.data.storage.to_options()
     manifest = read_manifest(url, storage)
-    model_type, model_cfg = resolve_model_config(cfg, manifest)
+    model_type, model_cfg = check_data_against_config(cfg, manifest, url)
     cfg = dataclasses.replace(cfg, model={"type": model_type, **dataclasses.asdict(model_cfg)})
 
     seed_everything(cfg.train.seed, rank=0)          # identical dense init on every rank
@@ -182,7 +221,8 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
     if feature_names:
         from mmm4rec.models.base import item_table_features
 
-        tables.load_features(item_table_features(load_item_table(url, storage), feature_names))
+        tables.load_features(item_table_features(load_item_table(url, storage), feature_names,
+                                                 image_dim=getattr(model_cfg, "image_dim", None)))
     ds_config = finalize_deepspeed_config(ds_json, cfg, env.world_size)
     engine = build_engine(dense, cfg, ds_config, total_steps)
     seed_everything(cfg.train.seed, rank=env.rank)   # per-rank dropout streams

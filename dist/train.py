@@ -9,8 +9,9 @@
 Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment
 (set by deepspeed, torchrun and slurm/common.sh); without them it runs as one process.
 Writes OUTPUT_DIR/{config.yaml, checkpoints/, logs/, tensorboard/, export/, metrics.json}.
-Exit status: 0 on success, 2 on a configuration or data error (message on stderr,
-before any training), 1 on any other failure. See docs/training.md.
+Exit status: 0 on success, 2 on a configuration, data or storage error (one line on
+stderr), 1 on a non-finite loss (one line) or any other failure. See docs/training.md
+and docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Launch with `deepspeed --num_gpus N dist/train.py ...` or `torchrun --nproc_per_node N "
                "dist/train.py ...`; a plain `python dist/train.py ...` runs one process. RANK, WORLD_SIZE, "
                "LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment. Exit status: 0 success, 2 "
-               "configuration/data error (before training), 1 other failure. Config reference: docs/training.md.")
+               "configuration/data/storage error (one line), 1 non-finite loss (one line) or other failure. "
+               "Config reference: docs/training.md; faults: docs/reliability.md.")
     p.add_argument("--config", required=True, metavar="PATH",
                    help="experiment YAML (e.g. configs/tiny_pretrain.yaml)")
     p.add_argument("--output-dir", metavar="DIR", default=None,
@@ -72,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_process_env()   # before DeepSpeed is imported (accelerator, extension cache, threads)
 
-    from data_shards import DataError
     from dist.config import load_experiment
-    from mmm4rec.config import ConfigError
+    from dist.errors import should_print, user_facing_error
 
     try:
         cfg = load_experiment(args.config, args.overrides)
@@ -93,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         from dist.trainer import run
 
         run(cfg, args.config, output_dir, resume=args.resume)
-    except (ConfigError, DataError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"dist/train.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except Exception as e:  # noqa: BLE001 -- user errors: one line (dist/errors.py); others: traceback
+        handled = user_facing_error(e)
+        if handled is None:
+            raise
+        status, line = handled
+        rank = int(os.environ.get("RANK", "0"))
+        if should_print(e, rank):
+            print(f"dist/train.py: error: {'' if rank == 0 else f'[rank {rank}] '}{line}", file=sys.stderr,
+                  flush=True)
+        return status
     return 0
 
 

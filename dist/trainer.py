@@ -30,6 +30,7 @@ from mmm4rec.config import ConfigError, redact_secrets, save_yaml
 from .checkpoint import ENGINE_TAG, CheckpointStore, safe_torch_load, tag_for_step
 from .config import ExperimentConfig, zero_stage
 from .env import init_distributed, rng_isolated, rng_state, set_rng_state
+from .errors import NonFiniteGuard, mark_training_loop
 from .evaluation import evaluate
 from .monitor import Monitor
 from .reshard import check_same_model, check_world_size_change, load_dense_resharded, resharded_rank_state
@@ -178,6 +179,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         gas = cfg.train.gradient_accumulation_steps
         model, loader = self.model, self.loaders["train"]
+        guard = NonFiniteGuard(self.env, cfg.train.max_nonfinite_steps)
+        mark_training_loop()
         model.train()
         while st.epoch < cfg.train.epochs and not st.stopped_early:
             if cfg.train.max_steps and st.step >= cfg.train.max_steps:
@@ -191,6 +194,7 @@ class Trainer:
             while st.epoch_step < self.steps_per_epoch:
                 if cfg.train.max_steps and st.step >= cfg.train.max_steps:
                     break
+                bad = 0
                 for _ in range(gas):
                     with rng_isolated():
                         batch = next(it)
@@ -200,8 +204,12 @@ class Trainer:
                     model.backward(loss)
                     model.step()
                     part = torch.stack([loss_sum.double().cpu(), w.double().cpu()])
+                    if not torch.isfinite(part[0]):
+                        bad += 1      # not summed: one NaN would hide every later loss
+                        continue
                     self._log_loss += part
                     epoch_loss += part
+                guard.after_step(bad, st.step + 1, epoch + 1)   # stops the run before any save/eval/export
                 st.epoch_loss = epoch_loss.tolist()
                 st.step += 1
                 st.epoch_step += 1
@@ -258,7 +266,8 @@ class Trainer:
 def _open_store(cfg: ExperimentConfig, output_dir: Path, env, resume: bool) -> CheckpointStore:
     location = cfg.checkpoint.dir or str(output_dir / "checkpoints")
     store = CheckpointStore(location, env, keep_last=cfg.checkpoint.keep_last,
-                            storage_options=cfg.checkpoint.storage.to_options())
+                            storage_options=cfg.checkpoint.storage.to_options(),
+                            retry_seconds=cfg.checkpoint.storage.retry_seconds)
     if not resume and store.has_checkpoints():
         raise ConfigError(f"--output-dir {output_dir}: {location} already holds checkpoints; pass --resume to "
                           f"continue that run, or choose another output directory")
@@ -320,11 +329,12 @@ def _summary(parts, meta: dict, st: TrainerState, store: CheckpointStore, export
 def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.PathLike, resume: bool) -> dict:
     """The whole run on this process (all ranks call it). Returns ``metrics.json``'s dict."""
     from .export import export_checkpoint
-    from .setup import build, preflight
+    from .setup import build, check_output_dir, preflight
 
     t_start = time.time()
     output_dir = Path(output_dir).resolve()
     ds_json = preflight(cfg, config_file)                       # 1. checks that need no processes
+    check_output_dir(output_dir)
     env = init_distributed()                                    # 2. processes, data, tables, engine
     store = _open_store(cfg, output_dir, env, resume)
     resume_tag = store.latest() if resume else None

@@ -29,7 +29,11 @@ import yaml
 T = TypeVar("T")
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "save_yaml", "apply_overrides", "redact_secrets",
-           "redact_argv"]
+           "redact_argv", "REDACTED"]
+
+#: what a credential is replaced by wherever a config is saved, printed or logged; a saved
+#: config read back treats it as unset (``data_shards.StorageConfig.to_options``)
+REDACTED = "***"
 
 #: keys whose values are credentials (storage sections: ``data.storage``, ``checkpoint.storage``)
 SECRET_KEYS = frozenset({"key", "secret", "token", "password", "api_key"})
@@ -158,7 +162,7 @@ def redact_secrets(mapping: Any, _parent: str = "") -> Any:
         out = {}
         for k, v in mapping.items():
             secret = (_parent == "storage" and k in SECRET_KEYS) or str(k).endswith(("_token", "_secret"))
-            out[k] = "***" if secret and v not in (None, "") else redact_secrets(v, str(k))
+            out[k] = REDACTED if secret and v not in (None, "") else redact_secrets(v, str(k))
         return out
     if isinstance(mapping, (list, tuple)):
         return [redact_secrets(v, _parent) for v in mapping]
@@ -173,8 +177,8 @@ def redact_argv(argv: list[str]) -> list[str]:
         key, eq, _ = a.partition("=")
         parts = key.split(".")
         nested = {parts[-2]: {parts[-1]: "x"}} if len(parts) > 1 else {parts[-1]: "x"}
-        if eq and "***" in str(redact_secrets(nested)):
-            a = f"{key}=***"
+        if eq and REDACTED in str(redact_secrets(nested)):
+            a = f"{key}={REDACTED}"
         out.append(a)
     return out
 
@@ -218,4 +222,6 @@ def load_yaml(cls: type[T], path: str | os.PathLike, overrides: list[str] | None
 
 
 def save_yaml(obj: Any, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Write a config as YAML with credentials redacted (:func:`redact_secrets`): the run's and
+    every checkpoint's ``config.yaml`` (also uploaded with S3 checkpoints) never hold one."""
+    Path(path).write_text(yaml.safe_dump(redact_secrets(obj), sort_keys=False))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["S3Server", "moto_binary", "moto_server", "s3_server"]
+__all__ = ["S3Server", "moto_binary", "moto_server", "moto_server_with_auth", "s3_server"]
 
 
 def _free_port() -> int:
@@ -67,11 +67,12 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def moto_server(binary: str) -> Iterator[S3Server]:
+def moto_server(binary: str, extra_env: dict[str, str] | None = None) -> Iterator[S3Server]:
     """Run ``moto_server`` on a free 127.0.0.1 port until the block exits (stopped by its pid)."""
     port = _free_port()
     log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(extra_env or {})
     proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             env=env)
     url = f"http://127.0.0.1:{port}"
@@ -96,6 +97,39 @@ def moto_server(binary: str) -> Iterator[S3Server]:
             proc.wait()
         log.close()
         os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def moto_server_with_auth(binary: str) -> Iterator[S3Server]:
+    """A moto server that checks credentials like S3 (IAM authentication from its 4th
+    request on): the first three create an IAM user, its allow-all policy and its access
+    key, which the yielded :class:`S3Server` carries. Unknown keys get InvalidAccessKeyId,
+    a wrong secret SignatureDoesNotMatch, no credentials AccessDenied."""
+    import json
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    free = 8   # moto counts some requests of its own start-up; the rest are burnt below
+    with moto_server(binary, {"INITIAL_NO_AUTH_ACTION_COUNT": str(free)}) as server:
+        def client(service, key="bootstrap", secret="bootstrap"):
+            return boto3.client(service, endpoint_url=server.endpoint_url, region_name="us-east-1",
+                                aws_access_key_id=key, aws_secret_access_key=secret)
+
+        iam = client("iam")
+        iam.create_user(UserName="tester")
+        iam.put_user_policy(UserName="tester", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="tester")["AccessKey"]
+        anonymous = client("s3", "AKIANOTAKEYNOTAKEY00", "x")
+        for _ in range(free):   # until authentication is on: an unknown key is refused
+            try:
+                anonymous.list_buckets()
+            except ClientError:
+                break
+        else:
+            raise RuntimeError("moto did not switch authentication on")
+        yield S3Server(server.endpoint_url, key["AccessKeyId"], key["SecretAccessKey"])
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from data_shards import (
     SequenceLoader,
     ShardError,
     ShardsConfig,
+    StorageError,
     build_shards,
     import_dataset,
     iter_sequences,
@@ -104,6 +105,7 @@ def test_storage_config_maps_to_s3fs_options(s3_server):  # noqa: F811
 
 def test_writing_to_a_missing_bucket_names_it(s3_server):  # noqa: F811
     data = import_dataset("lcrec", SAMPLES / "office")
-    with pytest.raises(ShardError, match=r"s3://no-such-bucket/x/sequences/seq-00000\.tar: cannot write: The "
-                                         r"specified bucket does not exist"):
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/x/sequences/seq-00000\.tar \(endpoint "
+                                           r"http://127\.0\.0\.1:\d+\): no such bucket \(The specified bucket does not "
+                                           r"exist\)"):
         build_shards(data, "s3://no-such-bucket/x", storage_options=s3_server.storage_options, progress=False)

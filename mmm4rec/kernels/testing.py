@@ -391,21 +391,20 @@ def load_mamba_chunk_scan_combined():
     import importlib.util
     import os
     import sys
-    import types
 
     try:
         spec = importlib.util.find_spec("mamba_ssm")
-    except ImportError:
+    except (ImportError, ValueError):   # ValueError: a module without __spec__ in sys.modules
         spec = None
     if spec is None or not spec.submodule_search_locations:
         return None, MAMBA_MISSING
     try:
         import mamba_ssm
     except ImportError:            # no CUDA extensions: load the Triton sources alone
+        # the package without its __init__, but with its real spec: a later find_spec (another
+        # test, another call) sees a proper module, whatever the order tests run in
         sys.modules.pop("mamba_ssm", None)
-        pkg = types.ModuleType("mamba_ssm")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__file__ = spec.origin
+        pkg = importlib.util.module_from_spec(spec)
         sys.modules["mamba_ssm"] = pkg
         mamba_ssm = pkg
     try:

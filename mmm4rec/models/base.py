@@ -94,8 +94,12 @@ class ItemTables(nn.Module):
             self.tables[name].weight.copy_(src)
 
 
-def item_table_features(table, names=("text", "image", "modality_mask")) -> dict:
-    """Map a ``data_shards.items.ItemTable`` onto the feature tables of the models."""
+def item_table_features(table, names=("text", "image", "modality_mask"), image_dim: int | None = None) -> dict:
+    """Map a ``data_shards.items.ItemTable`` onto the feature tables of the models.
+
+    A table without images (e.g. an LC-Rec set built with ``mmm4rec data build``) gives a
+    model that has an ``image_dim`` (kept so that its export fits an image domain) zero
+    rows with a False image mask: a missing modality, never a fake vector."""
     import numpy as np
 
     n = table.num_items + 1
@@ -103,7 +107,7 @@ def item_table_features(table, names=("text", "image", "modality_mask")) -> dict
     if "text" in names:
         out["text"] = table.text
     if "image" in names:
-        out["image"] = table.image if table.image is not None else np.zeros((n, 0), np.float32)
+        out["image"] = table.image if table.image is not None else np.zeros((n, image_dim or 0), np.float32)
     if "modality_mask" in names:
         img_mask = table.image_mask if table.image is not None else np.zeros(n, bool)
         out["modality_mask"] = np.stack([table.text_mask, img_mask], axis=1).astype(np.float32)
@@ -138,7 +142,8 @@ class SeqRecModel(nn.Module):
         """Load frozen features from a ``data_shards.items.ItemTable``."""
         specs = [s.name for s in self.table_specs() if s.kind == "feature"]
         if specs:
-            self.tables.load_features(item_table_features(table, specs))
+            self.tables.load_features(item_table_features(table, specs,
+                                                          image_dim=getattr(self.config, "image_dim", None)))
 
     # --- the contract ------------------------------------------------------------
     def user_vector(self, batch: dict) -> torch.Tensor:
