@@ -189,7 +189,8 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N), or a run's OUTPUT_DIR or "
                         "checkpoints directory (its best checkpoint)")
-    p.add_argument("out", metavar="OUT", help="output directory (replaced atomically)")
+    p.add_argument("out", metavar="OUT", help="output directory: new, empty or an earlier export (replaced "
+                                             "atomically); a folder with anything else is refused, never deleted")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="how the weights are stored (bf16 halves the file; from_pretrained casts back to the "
                         "model's dtype)")

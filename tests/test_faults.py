@@ -430,6 +430,20 @@ def test_remote_checkpoint_key_with_dot_dot_is_refused(s3, aws_env, tmp_path):
     assert remote_relpath("root", "root/ranks/rank_00000.json", "here") == "ranks/rank_00000.json"
 
 
+@pytest.mark.s3
+def test_checkpoint_store_on_a_missing_bucket_fails_at_open(s3, aws_env):
+    from dist.checkpoint import CheckpointStore
+    from dist.env import DistEnv
+
+    aws_env.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=__import__("torch").device("cpu"))
+    store = CheckpointStore("s3://no-such-ckpt-bucket/run/ckpts", env,
+                            storage_options={"endpoint_url": s3.endpoint_url})
+    with pytest.raises(StorageError, match=r"s3://no-such-ckpt-bucket/run/ckpts \(endpoint .*\): no such bucket"):
+        store.has_checkpoints()   # what a run asks first, before any training
+
+
 # ---------------------------------------------------------------------- launch checks
 def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     f = tmp_path / "a-file"
