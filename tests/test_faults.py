@@ -404,6 +404,13 @@ def test_saved_configs_redact_secrets(tmp_path):
     # a redacted config read back counts the secret as unset (credentials from the AWS chain)
     back = load_experiment(tmp_path / "config.yaml")
     assert back.data.storage.to_options() == {}
+    # the command line `mmm4rec train` echoes before it launches
+    from dist.cli import _printable
+
+    shown = " ".join(_printable(["x", "--set", "data.storage.secret=s3cr3t-value", "--set", "train.epochs=3",
+                                 "--set", "checkpoint.storage.key=AKIASECRETKEY"]))
+    assert "s3cr3t-value" not in shown and "AKIASECRETKEY" not in shown and "train.epochs=3" in shown
+    assert "data.storage.secret=<redacted>" in shown
 
 
 @pytest.mark.s3
