@@ -639,15 +639,19 @@ def test_run_survives_a_60s_storage_outage_with_identical_weights(reference, s3,
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_the_run_without_export_or_metrics(tmp_path):
-    """A learning rate of 1e30 makes the loss NaN within a few steps: the run stops with one
-    line and exit 1, and writes no export, no metrics.json and no best epoch."""
+@pytest.mark.parametrize("tolerated", [0, 2])
+def test_nan_loss_stops_the_run_without_export_or_metrics(tmp_path, tolerated):
+    """A learning rate of 1e30 makes the loss NaN from step 2 on: the run stops with one
+    line and exit 1 once more than train.max_nonfinite_steps such steps came in a row, and
+    writes no export, no metrics.json and no best epoch."""
     out = tmp_path / "nan"
-    rc, log = train(out, ["train.optimizer.lr=1e30", "train.epochs=1", "train.steps_per_epoch=10",
-                          "checkpoint.every_steps=2"])
+    rc, log = train(out, ["train.optimizer.lr=1.0e+30", "train.epochs=1", "train.steps_per_epoch=10",
+                          "checkpoint.every_steps=2", f"train.max_nonfinite_steps={tolerated}"])
     assert rc == 1, log[-6000:]
     errors = [ln for ln in log.splitlines() if ln.startswith("dist/train.py: error:")]
     assert len(errors) == 1 and "training loss is not finite" in errors[0], log[-6000:]
+    assert f"at step {2 + tolerated} (epoch 1)" in errors[0] and f"{tolerated + 1} step(s) in a row" in errors[0], \
+        errors[0]
     assert "Traceback" not in log
     assert not (out / "export").exists() and not (out / "metrics.json").exists()
 
