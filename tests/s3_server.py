@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["S3Server", "moto_binary", "moto_server", "moto_server_with_auth", "s3_server"]
+__all__ = ["S3Server", "moto_binary", "moto_server", "moto_server_with_auth", "require_moto_binary", "s3_server"]
 
 
 def _free_port() -> int:
@@ -132,10 +132,15 @@ def moto_server_with_auth(binary: str) -> Iterator[S3Server]:
         yield S3Server(server.endpoint_url, key["AccessKeyId"], key["SecretAccessKey"])
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+def require_moto_binary() -> str:
+    """``moto_server``'s path, or skip the test with the reason shown."""
     binary = moto_binary()
     if binary is None:
         pytest.skip("moto_server not installed (pip install 'moto[server]'): no local S3 endpoint")
-    with moto_server(binary) as server:
+    return binary
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with moto_server(require_moto_binary()) as server:
         yield server

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from s3_server import moto_binary, moto_server_with_auth
+from s3_server import moto_server_with_auth, require_moto_binary
 from tcp_proxy import TcpProxy
 
 from data_shards import (
@@ -51,10 +51,7 @@ RUN_TIMEOUT = 600
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def s3():
-    binary = moto_binary()
-    if binary is None:
-        pytest.skip("moto_server not installed (pip install 'moto[server]'): no local S3 endpoint")
-    with moto_server_with_auth(binary) as server:
+    with moto_server_with_auth(require_moto_binary()) as server:
         server.make_bucket(BUCKET)
         yield server
 
@@ -534,6 +531,7 @@ def train(out: Path, overrides, wait=True, nproc=1, extra=()):
     log = open(out.parent / f"{out.name}.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(nproc), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    log.close()   # the child has its own copy
     if not wait:
         return proc
     return _finish(proc, out)
