@@ -194,19 +194,26 @@ def test_loader_continues_after_an_outage_without_losing_or_repeating_a_sample(s
 
 
 @pytest.mark.s3
-def test_outage_longer_than_retry_seconds_stops_with_one_line(s3, office_s3, proxy, aws_env):
-    loader = _loader(office_s3, s3, proxy.url, retry_seconds=2.0, workers=0)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_outage_longer_than_retry_seconds_stops_with_one_line(s3, office_s3, proxy, aws_env, workers):
+    """Given up after retry_seconds, in the reading process or in a DataLoader worker (whose
+    error torch re-raises with a traceback in the message: ``one_line`` recovers the line)."""
+    from data_shards import one_line
+
+    loader = _loader(office_s3, s3, proxy.url, retry_seconds=2.0, workers=workers)
     it = iter(loader)
     next(it)
     proxy.outage(60)
     try:
-        with pytest.raises(StorageError, match=rf"s3://{BUCKET}/office/sequences/seq-\d+\.tar \(endpoint "
-                                               rf"{proxy.url}\): cannot reach the endpoint .*still failing after \d+ s "
-                                               r"of retries \(storage\.retry_seconds: 2\)"):
+        with pytest.raises(StorageError) as info:
             for _ in it:
                 pass
     finally:
         proxy.outage(0)
+    line = one_line(info.value)
+    assert "\n" not in line and line.startswith(f"s3://{BUCKET}/office/sequences/seq-"), line
+    assert f"(endpoint {proxy.url}): cannot reach the endpoint" in line, line
+    assert "still failing after" in line and "(storage.retry_seconds: 2)" in line, line
 
 
 # ---------------------------------------------------------------------- bad data
