@@ -150,7 +150,8 @@ class RetryingFS:
 
     def call(self, name: str, *args, **kwargs):
         fn = getattr(self.wrapped, name)
-        path = args[0] if args and isinstance(args[0], str) else None
+        remote = 1 if name in ("put_file", "put") else 0   # put_file(local, remote)
+        path = args[remote] if len(args) > remote and isinstance(args[remote], str) else None
         first, delay, last_log = None, 0.5, 0.0
         while True:
             try:
