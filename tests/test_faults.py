@@ -679,7 +679,7 @@ def test_export_cli_refuses_the_run_folder_and_deletes_nothing(reference, s3, aw
         for _ in range(2):                      # new folder, then an earlier export replaced
             rc, err = _cli(["export", str(ck.path), str(fresh)], capsys)
             assert rc == 0, err
-        assert sorted(p.name for p in fresh.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in fresh.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 @pytest.mark.slow
