@@ -84,14 +84,24 @@ class DataSection(ShardsConfig):
 class TablesConfig:
     """The torchrec item tables (frozen features + trainable ID/fusion rows).
 
-    ``optimizer`` is fused into the backward pass of the trainable tables (fbgemm):
-    ``adagrad`` / ``rowwise_adagrad`` / ``sgd`` run everywhere, ``adam`` only on GPU
-    (fbgemm's CPU kernels do not implement it). ``lr`` follows the dense LR schedule
-    (warm-up/decay multiplier) when ``follow_schedule``.
+    ``optimizer`` of the trainable rows, applied once per optimizer step to the gradient
+    accumulated over that step's micro-batches (like every dense weight):
+
+    * ``dense``: the model's optimizer with its settings (``train.optimizer``: name, lr,
+      weight decay, betas, eps; this section's ``lr``/``weight_decay``/``eps`` are not
+      used), over the whole table as torch's optimizer over an ``nn.Embedding`` (every
+      row decays and keeps its moments): the release's treatment of the ID term. The
+      gradient is all-reduced as a full [rows, dim] matrix, so this is for tables small
+      enough to replicate.
+    * ``adagrad`` / ``rowwise_adagrad`` / ``sgd`` (everywhere), ``adam`` (GPU only:
+      fbgemm's CPU kernels do not implement it): fbgemm's row-wise sparse optimizers,
+      fed the accumulated gradient of the rows the step touched: for huge catalogs.
+
+    ``lr`` follows the dense LR schedule (warm-up/decay multiplier) when ``follow_schedule``.
     """
 
     sharding: Literal["row_wise", "table_wise"] = "row_wise"
-    optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
+    optimizer: Literal["dense", "adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
     lr: float = 0.01
     weight_decay: float = 0.0
     eps: float = 1e-8
@@ -163,12 +173,16 @@ class TrainConfig:
     init_from: str | None = None                    # an export directory (fine-tuning)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    log_every_steps: int = 10
+    log_every_steps: int = 10                          # (and at every epoch end)
     max_nonfinite_steps: int = 0                       # NaN/inf-loss steps tolerated in a row (bf16 overflow)
+    max_wall_time: float = 0.0                         # seconds: stop after the step that passes it, then
+                                                       # evaluate, export the best, metrics.json (0: no limit)
 
     def validate(self) -> None:
         if self.max_nonfinite_steps < 0:
             raise ConfigError(f"max_nonfinite_steps: must be >= 0, got {self.max_nonfinite_steps}")
+        if self.max_wall_time < 0:
+            raise ConfigError(f"max_wall_time: must be >= 0 seconds (0 = no limit), got {self.max_wall_time}")
         for name in ("epochs", "gradient_accumulation_steps", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -195,6 +209,7 @@ class EvalConfig:
     every_epochs: int = 1
     mask_history: bool = False
     item_chunk_size: int = 65536   # items looked up / scored per chunk
+    tie_improves: bool = False     # an equal metric counts as an improvement (the release's early stopping)
     test: bool = True
 
     def validate(self) -> None:

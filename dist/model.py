@@ -5,8 +5,8 @@
     rows = tables.lookup(ids)                 torchrec: sharded rows, plain tensors out
     u, V = engine(seq=SeqInput, items=rows)   DeepSpeed: the model's dense part
     loss = CE(u, V) * (local weight * world / global weight)
-    engine.backward(loss)                     dense grads (ZeRO) + fused table update
-    engine.step()                             dense optimizer step (accumulation boundary)
+    engine.backward(loss)                     dense grads (ZeRO) + table row grads accumulated
+    tables.step(); engine.step()              at accumulation boundaries: one update of each
 
 The loss is normalised by the *global* number of real samples of the micro-batch
 (one scalar all-reduce), so padding rows and uneven ranks do not change the
@@ -81,7 +81,8 @@ class DistRecModel:
         global_w = self.env.all_reduce_sum(local_w.detach().clone())
         if loss == "full":
             u, V = self.forward(batch, self.all_item_ids())
-            mean = losses.full_softmax_ce(u, V, batch["target"], w, exclude_padding=not self.rank_padding,
+            mean = losses.full_softmax_ce(u, V, batch["target"], w,
+                                          exclude_padding=losses.excludes_padding_class(self.config),
                                           chunk_size=chunk_size)
         elif loss == "inbatch":
             u, V = self.forward(batch, batch["target"])
@@ -94,9 +95,21 @@ class DistRecModel:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
+    def set_accumulation_boundary(self, boundary: bool) -> None:
+        """Say, before a micro-batch's forward, whether it ends an optimizer step (the
+        trainer decides: a short last window of an epoch ends early)."""
+        self.engine.set_gradient_accumulation_boundary(bool(boundary))
+        self._boundary = bool(boundary)
+
     def step(self) -> None:
-        """DeepSpeed's step: the dense optimizer (and LR schedule) steps at accumulation
-        boundaries; the tables already stepped inside backward."""
+        """After each micro-batch: at an accumulation boundary the item tables apply the
+        gradient accumulated over the step's micro-batches (once) and DeepSpeed steps
+        the dense optimizer (and LR schedule); in between, both only accumulate."""
+        boundary = getattr(self, "_boundary", None)
+        if boundary is None:
+            boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self.tables.step()
         self.engine.step()
 
     def train(self) -> None:

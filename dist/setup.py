@@ -155,13 +155,14 @@ def plan_steps(cfg: ExperimentConfig, micro_batches: int) -> tuple[int, int]:
     """``(optimizer steps per epoch, steps in all)`` from the train loader's micro-batches
     per epoch and rank (``train.gradient_accumulation_steps``, ``steps_per_epoch``,
     ``epochs``, ``max_steps``)."""
+    from .trainer import steps_in_epoch
+
     gas = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = micro_batches // gas
+    steps_per_epoch = steps_in_epoch(micro_batches, gas)   # every micro-batch, the last step on the remainder
     if cfg.train.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size: {micro_batches} micro-batches per epoch per rank are fewer "
-                          f"than train.gradient_accumulation_steps ({gas}); lower one of them")
+        raise ConfigError(f"data: the train split gives no micro-batches per epoch and rank ({micro_batches})")
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -216,7 +217,7 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
     }
     steps_per_epoch, total_steps = plan_steps(cfg, len(loaders["train"]))
 
-    tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed)
+    tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed, dense_optimizer=cfg.train.optimizer)
     feature_names = [s.name for s in specs if s.kind == "feature"]
     if feature_names:
         from mmm4rec.models.base import item_table_features

@@ -157,7 +157,7 @@ class ShardedItemTables:
     trainable rows carry the gradient that the fused optimizer applies in backward).
     """
 
-    def __init__(self, specs: list[TableSpec], cfg: TablesConfig, env, seed: int):
+    def __init__(self, specs: list[TableSpec], cfg: TablesConfig, env, seed: int, dense_optimizer=None):
         import torch.distributed as tdist
         from torchrec.distributed import DistributedModelParallel, comm_ops
         from torchrec.distributed.types import ShardingEnv
@@ -167,6 +167,10 @@ class ShardedItemTables:
                                "gradients would be summed over ranks while DeepSpeed averages the dense ones")
         self.env = env
         self.cfg = cfg
+        self.dense_optimizer_cfg = dense_optimizer   # train.optimizer (tables.optimizer: dense)
+        if cfg.optimizer == "dense" and dense_optimizer is None:
+            raise ValueError("tables.optimizer: dense needs the model's optimizer settings (train.optimizer)")
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # accumulated row gradients
         self.seed = int(seed)
         self.specs = list(specs)
         self.packed = pack_specs(self.specs)
@@ -178,6 +182,7 @@ class ShardedItemTables:
                                             sharders=sharders, device=self.device)
         self.plan = plan
         self._init_trainable()
+        self._dense_opt = self._build_dense_optimizer() if cfg.optimizer == "dense" else None
 
     # ------------------------------------------------------------------ shards
     def _weights(self) -> dict[str, object]:
@@ -232,27 +237,109 @@ class ShardedItemTables:
                     w[:, c.start:c.stop] = rows.to(w.device)
 
     # ------------------------------------------------------------------ lookup
-    def lookup(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _raw_lookup(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """table name -> looked-up rows [len(flat), dim] (collective: every rank calls it)."""
         from torchrec import KeyedJaggedTensor
 
-        shape = tuple(ids.shape)
-        flat = ids.reshape(-1).to(self.device, torch.int64)
         lengths = torch.ones(flat.numel(), dtype=torch.int32, device=self.device)
         kjts = {t.name: KeyedJaggedTensor.from_lengths_sync(keys=[f"{t.name}.item"], values=flat, lengths=lengths)
                 for t in self.packed}
         out = self.dmp(kjts)
+        return {t.name: out[t.name][f"{t.name}.item"].values() for t in self.packed}
+
+    def lookup(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of ``ids``. Trainable rows come out as leaves whose gradient is
+        accumulated (per unique id) until :meth:`step`, never applied in backward."""
+        shape = tuple(ids.shape)
+        flat = ids.reshape(-1).to(self.device, torch.int64)
+        out = self._raw_lookup(flat)
         rows: dict[str, torch.Tensor] = {}
         for t in self.packed:
-            v = out[t.name][f"{t.name}.item"].values()
-            if t.kind == FEATURE:
-                v = v.detach()
+            v = out[t.name].detach()
+            if t.kind == TRAINABLE and torch.is_grad_enabled():
+                v = v.requires_grad_(True)
+                v.register_hook(lambda g, name=t.name, ids=flat: self._accumulate(name, ids, g))
             for c in t.columns:
                 rows[c.spec.name] = v[:, c.start:c.stop].reshape(*shape, c.spec.dim)
         return rows
 
+    # ------------------------------------------------------------------ accumulation
+    def _accumulate(self, name: str, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add one backward's row gradients to the step's sum, one row per unique id."""
+        grad = grad.detach().to(torch.float32)
+        if name in self._pending:
+            prev_ids, prev_g = self._pending[name]
+            ids, grad = torch.cat([prev_ids, ids]), torch.cat([prev_g, grad])
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        self._pending[name] = (uniq, torch.zeros(len(uniq), grad.shape[1], dtype=grad.dtype,
+                                                 device=grad.device).index_add_(0, inv, grad))
+
+    def step(self) -> None:
+        """Apply the gradient accumulated since the last step to the trainable rows, once
+        (collective: every rank calls it at every optimizer step)."""
+        if not self.has_trainable:
+            return
+        if self._dense_opt is not None:
+            self._dense_step()
+        else:
+            self._fused_step()
+        self._pending.clear()
+
+    def _pending_of(self, t: PackedTable) -> tuple[torch.Tensor, torch.Tensor]:
+        if t.name in self._pending:
+            return self._pending[t.name]
+        # nothing looked up with a gradient on this rank: a zero gradient of row 0 keeps
+        # the collective lookup of _fused_step aligned over ranks
+        return (torch.zeros(1, dtype=torch.int64, device=self.device),
+                torch.zeros(1, t.dim, device=self.device))
+
+    def _fused_step(self) -> None:
+        """One backward of sum(rows * accumulated grad) through the table: the fused fbgemm
+        optimizer sees the step's gradient once (torchrec's all-to-all backward averages it
+        over ranks, as DeepSpeed averages the dense gradients)."""
+        t = next(t for t in self.packed if t.kind == TRAINABLE)
+        ids, g = self._pending_of(t)
+        with torch.enable_grad():
+            rows = self._raw_lookup(ids)[t.name]
+            (rows * g.to(rows.dtype)).sum().backward()
+
+    def _build_dense_optimizer(self):
+        """The model's optimizer over this rank's shards of the trainable table."""
+        from .engine import build_optimizer
+
+        t = next(t for t in self.packed if t.kind == TRAINABLE)
+        self._dense_params = [(lo, torch.nn.Parameter(w, requires_grad=True)) for lo, w in self.local_shards(t.name)]
+        return build_optimizer([p for _, p in self._dense_params], self.dense_optimizer_cfg)
+
+    @torch.no_grad()
+    def _dense_step(self) -> None:
+        """The model's optimizer on the whole table: the accumulated row gradients as a
+        dense [rows, dim] matrix, averaged over ranks, stepped on every rank's own rows."""
+        t = next(t for t in self.packed if t.kind == TRAINABLE)
+        full = torch.zeros(t.num_rows, t.dim, device=self.device)
+        if t.name in self._pending:
+            ids, g = self._pending[t.name]
+            full.index_add_(0, ids, g.to(full.dtype))
+        self.env.all_reduce_sum(full)
+        full /= self.env.world_size
+        for lo, p in self._dense_params:
+            p.grad = full[lo:lo + p.shape[0]].clone()
+        self._dense_opt.step()
+        for _, p in self._dense_params:
+            p.grad = None
+
+    @property
+    def base_lr(self) -> float:
+        """The trainable rows' LR before the schedule's multiplier."""
+        return self.dense_optimizer_cfg.lr if self._dense_opt is not None else self.cfg.lr
+
     # ------------------------------------------------------------------ LR
     def set_lr(self, lr: float) -> None:
-        """Set the fused optimizer's LR of the trainable table (applied from the next backward)."""
+        """Set the LR of the trainable rows' optimizer (applied from the next step)."""
+        if self._dense_opt is not None:
+            for g in self._dense_opt.param_groups:
+                g["lr"] = lr
+            return
         for key, opt in self.dmp.fused_optimizer.optimizers:
             if key.endswith(f"collections.{_TABLE_NAMES[TRAINABLE]}"):
                 for g in opt.param_groups:
@@ -283,7 +370,35 @@ class ShardedItemTables:
                     shards.append([t.name, state_name, lo, int(s.tensor.shape[0])])
         meta = {"packed": [t.describe() for t in self.packed], "shards": shards,
                 "optimizer": self.cfg.optimizer, "world_size": self.env.world_size}
+        if self._dense_opt is not None:
+            meta["dense_scalars"] = self._dense_state_tensors(tensors, shards)
         return tensors, meta
+
+    def _dense_state_tensors(self, tensors: dict, shards: list) -> dict:
+        """Add the dense optimizer's per-row states (``dense_<name>``) of this rank's shards;
+        returns its scalar states (step counts, the same for every shard)."""
+        t = next(t for t in self.packed if t.kind == TRAINABLE)
+        scalars = {}
+        for lo, p in self._dense_params:
+            for k, v in self._dense_opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() and v.shape[0] == p.shape[0]:
+                    tensors[f"{t.name}/dense_{k}@{lo}"] = v.detach().cpu().contiguous()
+                    shards.append([t.name, f"dense_{k}", lo, int(p.shape[0])])
+                else:
+                    scalars[k] = float(v)
+        return scalars
+
+    @torch.no_grad()
+    def _load_dense_state(self, reader: ShardReader) -> None:
+        t = next(t for t in self.packed if t.kind == TRAINABLE)
+        scalars = reader.metas[0].get("dense_scalars", {}) if reader.metas else {}
+        names = sorted({s for table, s, _, _ in reader._index if table == t.name and s.startswith("dense_")})
+        for lo, p in self._dense_params:
+            state = {k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.items()}
+            for name in names:
+                state[name[len("dense_"):]] = reader.rows(t.name, name, lo, lo + p.shape[0]).to(p).clone()
+            if state:
+                self._dense_opt.state[p] = state
 
     @torch.no_grad()
     def load_state(self, reader: ShardReader, load_optimizer: bool = True) -> None:
@@ -302,6 +417,9 @@ class ShardedItemTables:
             if reader.optimizer != self.cfg.optimizer:
                 raise ValueError(f"checkpoint tables were trained with {reader.optimizer}, the config says "
                                  f"{self.cfg.optimizer}; cannot resume the optimizer state")
+            if self._dense_opt is not None:
+                self._load_dense_state(reader)
+                continue
             for state_name, st in self._optimizer_states()[t.name].items():
                 if not hasattr(st, "local_shards"):
                     continue
@@ -363,7 +481,7 @@ def table_planner(packed: list[PackedTable], cfg: TablesConfig, env):
     root = _TablesRoot(packed, torch.device("meta"))
     for t in packed:
         params = root.collections[t.name].parameters()
-        if t.kind == FEATURE:
+        if t.kind == FEATURE or cfg.optimizer == "dense":   # frozen, or updated by _dense_step
             apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.0})
         else:
             cls, kwargs = _fused_optimizer(cfg, env.device)

@@ -35,7 +35,7 @@ from .evaluation import evaluate
 from .monitor import Monitor
 from .reshard import check_same_model, check_world_size_change, load_dense_resharded, resharded_rank_state
 
-__all__ = ["run", "Trainer", "TrainerState"]
+__all__ = ["run", "Trainer", "TrainerState", "steps_in_epoch", "micro_batches_in_step", "is_improvement"]
 
 
 @dataclasses.dataclass
@@ -61,6 +61,27 @@ class TrainerState:
                                  # (per rank: restored from ranks/rank_N.json)
 
 
+# ---------------------------------------------------------------------- the recipe
+def steps_in_epoch(micro_batches: int, gas: int) -> int:
+    """Optimizer steps of an epoch of ``micro_batches`` per rank: every micro-batch is
+    used, the last step takes the remainder (the release's recipe: 34 micro-batches of
+    1,024 with 8 accumulated are 5 steps, the last of 2 micro-batches)."""
+    return -(-micro_batches // gas)
+
+
+def micro_batches_in_step(micro_batches: int, gas: int, epoch_step: int) -> int:
+    """Micro-batches of optimizer step ``epoch_step`` (0-based): ``gas``, fewer at the end."""
+    return max(0, min(gas, micro_batches - epoch_step * gas))
+
+
+def is_improvement(value: float, best: float | None, tie_improves: bool = False) -> bool:
+    """Whether a validation value improves on the best so far; with ``tie_improves`` an
+    equal value counts (the release's early stopping: ``>=``)."""
+    if best is None:
+        return True
+    return value >= best if tie_improves else value > best
+
+
 # ---------------------------------------------------------------------- the run
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, model, loaders: dict, store: CheckpointStore, monitor: Monitor,
@@ -75,6 +96,9 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.meta = meta    # written into every checkpoint: config, model config, stage, world size
         self.state = TrainerState()
+        self.micro_batches_per_epoch = len(loaders["train"])
+        self.t_start = time.time()
+        self.wall_time_hit = False
         self._log_loss = torch.zeros(2, dtype=torch.float64)   # (sum loss*w, sum w) since last log
         self._log_t = time.time()
 
@@ -151,9 +175,9 @@ class Trainer:
         return float(self.model.engine.get_lr()[0]) / base if base else 1.0
 
     def sync_table_lr(self) -> None:
-        t = self.cfg.tables
-        if self.model.tables.has_trainable and t.follow_schedule:
-            self.model.tables.set_lr(t.lr * self._lr_mult())
+        tables = self.model.tables
+        if tables.has_trainable and self.cfg.tables.follow_schedule:
+            tables.set_lr(tables.base_lr * self._lr_mult())
 
     def _evaluate(self, split: str) -> dict:
         e = self.cfg.eval
@@ -194,11 +218,15 @@ class Trainer:
             while st.epoch_step < self.steps_per_epoch:
                 if cfg.train.max_steps and st.step >= cfg.train.max_steps:
                     break
+                if self.out_of_wall_time():
+                    break
                 bad = 0
-                for _ in range(gas):
+                n_micro = micro_batches_in_step(self.micro_batches_per_epoch, gas, st.epoch_step)
+                for j in range(n_micro):
                     with rng_isolated():
                         batch = next(it)
                     batch = model.to_device(batch)
+                    model.set_accumulation_boundary(j == n_micro - 1)
                     loss, loss_sum, w = model.train_loss(batch, cfg.train.loss, cfg.train.mask_duplicates,
                                                          cfg.train.loss_chunk_size)
                     model.backward(loss)
@@ -215,14 +243,17 @@ class Trainer:
                 st.epoch_step += 1
                 self.sync_table_lr()
                 self.monitor.advance(1)
-                if st.step % cfg.train.log_every_steps == 0:
-                    self._log_step(epoch)
+                if st.step % cfg.train.log_every_steps == 0 or st.epoch_step == self.steps_per_epoch:
+                    self._log_step(epoch)   # (also at every epoch end: few steps per epoch still log)
                 every = cfg.checkpoint.every_steps
                 if every and st.step % every == 0 and st.epoch_step < self.steps_per_epoch:
                     st.train_seconds += time.time() - t0
                     t0 = time.time()
                     self.save()
             del it
+            if self.wall_time_hit:
+                self.monitor.log(f"train.max_wall_time ({cfg.train.max_wall_time:g} s) reached at step {st.step} "
+                                 f"(epoch {epoch + 1}, step {st.epoch_step}/{self.steps_per_epoch}): stopping")
             self.monitor.end_epoch()
             st.train_seconds += time.time() - t0
             totals = self.env.all_reduce_sum(epoch_loss)
@@ -232,16 +263,31 @@ class Trainer:
         self.monitor.log(f"training done: {st.step} steps, {st.epoch} epochs"
                          + (" (early stop)" if st.stopped_early else ""))
 
+    def out_of_wall_time(self) -> bool:
+        """``train.max_wall_time`` (seconds since this process started the run) used up:
+        all ranks agree (rank 0's clock decides), the loop stops after the current step,
+        evaluates, and the run ends normally (best checkpoint exported, metrics.json)."""
+        limit = self.cfg.train.max_wall_time
+        if not limit or self.wall_time_hit:
+            return self.wall_time_hit
+        flag = torch.tensor([1.0 if (self.env.is_main and time.time() - self.t_start >= limit) else 0.0],
+                            dtype=torch.float64)
+        self.wall_time_hit = bool(self.env.all_reduce_sum(flag)[0] > 0)
+        if self.wall_time_hit:
+            self.state.stopped_early = True
+        return self.wall_time_hit
+
     def _end_epoch(self, epoch: int, train_loss: float) -> None:
         cfg, st = self.cfg, self.state
-        last = (epoch + 1 == cfg.train.epochs) or bool(cfg.train.max_steps and st.step >= cfg.train.max_steps)
+        last = ((epoch + 1 == cfg.train.epochs) or bool(cfg.train.max_steps and st.step >= cfg.train.max_steps)
+                or self.wall_time_hit)
         row = {"train_loss": train_loss}
         improved = False
         if (epoch + 1) % cfg.eval.every_epochs == 0 or last:
             valid = self._evaluate("valid")
             row.update({f"valid/{k}": v for k, v in valid.items() if k != "count"})
             value = valid[cfg.eval.metric]
-            improved = st.best_metric is None or value > st.best_metric
+            improved = is_improvement(value, st.best_metric, cfg.eval.tie_improves)
             if improved:
                 st.best_metric, st.best_epoch, st.best_step, st.best_valid = value, epoch + 1, st.step, valid
                 st.bad_evals = 0

@@ -17,6 +17,13 @@ def _weighted_mean(loss: torch.Tensor, weight: torch.Tensor | None) -> torch.Ten
     return (loss * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def excludes_padding_class(config) -> bool:
+    """Whether the full softmax leaves item 0 (padding) out: yes unless the model config
+    sets ``padding_class`` (the release keeps row 0 as a never-positive class) or
+    ``rank_padding`` (padding ranked at evaluation, so trained against too)."""
+    return not (getattr(config, "padding_class", False) or getattr(config, "rank_padding", False))
+
+
 def full_softmax_ce(u, V, target, weight=None, exclude_padding: bool = True, chunk_size: int | None = None):
     """Softmax over all items (fine-tuning). V holds rows 0..|I|; row 0 is padding.
 

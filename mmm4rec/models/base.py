@@ -169,7 +169,7 @@ class SeqRecModel(nn.Module):
         if loss == "full":
             u, V = self(batch)
             return losses.full_softmax_ce(u, V, batch["target"], batch.get("weight"),
-                                          exclude_padding=not getattr(self.config, "rank_padding", False))
+                                          exclude_padding=losses.excludes_padding_class(self.config))
         if loss == "inbatch":
             u, V = self(batch, batch["target"])
             return losses.inbatch_softmax_ce(u, V, batch.get("weight"),

@@ -48,10 +48,16 @@ class MMM4RecConfig:
     # protocol flags (defaults fix the release's leaks; True reproduces them)
     time_leak: bool = False         # feed the target's timestamp into the time path
     rank_padding: bool = False      # rank the padding item 0 at evaluation
+    # release numerics (docs/model.md "Release-compatible options"; the defaults are ours)
+    time_padding: Literal["zero", "window"] = "zero"   # deltas at padding: "zero" (ours) | "window"
+                                    # (release: differences over the whole padded window)
+    missing_modality: Literal["zero", "bias"] = "zero"  # item without a modality: "zero" adapter output
+                                    # (ours) | "bias" (release: a zero feature through the adapter)
+    padding_class: bool = False     # keep item 0 as a (never positive) class of the training softmax
     # implementation
     ssd_form: Literal["chunked", "quadratic"] = "chunked"   # "quadratic": always the O(L^2) dual form
     kernels: Literal["auto", "triton", "reference"] = "auto"  # see mmm4rec.kernels.dispatch
-    rmsnorm_eps: float = 1e-5
+    rmsnorm_eps: float = 1e-12      # gated RMSNorm epsilon: the release passes norm_eps (1e-12)
     init_range: float = 0.02
 
     @property
@@ -85,8 +91,9 @@ class MMM4RecConfig:
             _check_prob(name, getattr(self, name))
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"norm_eps: must be > 0, got {self.norm_eps}")
+        for name in ("norm_eps", "rmsnorm_eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -78,9 +78,14 @@ class MMM4RecDense(nn.Module):
 
     # --- items -------------------------------------------------------------------
     def adapt(self, rows: dict[str, torch.Tensor], m: int) -> torch.Tensor:
-        """a_m(i) = mask * (W_m f_m(i) + b_m) [+ E_m(i)]: [..., N]. Missing modality -> 0."""
+        """a_m(i) = mask * (W_m f_m(i) + b_m) [+ E_m(i)]: [..., N]. Missing modality -> 0
+        (``missing_modality: zero``) or the adapter of a zero feature, b_m (``bias``, the release's)."""
         name = MODALITIES[m]
-        a = self.adapter[name](rows[name]) * rows["modality_mask"][..., m:m + 1]
+        mask = rows["modality_mask"][..., m:m + 1]
+        if self.cfg.missing_modality == "bias":
+            a = self.adapter[name](rows[name] * mask)
+        else:
+            a = self.adapter[name](rows[name]) * mask
         id_name = f"id_{name}"
         if self.cfg.use_id:
             a = a + rows[id_name]
@@ -101,8 +106,11 @@ class MMM4RecDense(nn.Module):
 
     # --- users -------------------------------------------------------------------
     def time_signal(self, seq: SeqInput) -> torch.Tensor:
-        """d_1 = 0, d_l = ts_l - ts_{l-1} over the history (0 in padding): [b, L] float32.
+        """d_1 = 0, d_l = ts_l - ts_{l-1}: [b, L] float32.
 
+        ``time_padding: zero`` (ours): 0 at every padding slot, so the user vector does not
+        depend on the padding. ``window`` (the release's): differences over the whole padded
+        window, so the first padding slot carries -ts_n (padding timestamps are 0).
         With ``time_leak`` (the release's quirk) the target's timestamp sits in the slot
         after a short history and deltas run over the raw, unmasked sequence.
         """
@@ -110,12 +118,13 @@ class MMM4RecDense(nn.Module):
         L = t.shape[1]
         pos = torch.arange(L, device=t.device)
         lens = seq.item_seq_len
-        if self.cfg.time_leak and seq.target_time is not None:
+        leak = self.cfg.time_leak and seq.target_time is not None
+        if leak:
             slot = (pos[None, :] == lens[:, None]) & (lens[:, None] < L)
             t = torch.where(slot, seq.target_time.to(torch.float64)[:, None], t)
-            d = torch.diff(t, dim=1, prepend=t[:, :1])
-        else:
-            d = torch.diff(t, dim=1, prepend=t[:, :1]) * (pos[None, :] < lens[:, None])
+        d = torch.diff(t, dim=1, prepend=t[:, :1])
+        if not leak and self.cfg.time_padding == "zero":
+            d = d * (pos[None, :] < lens[:, None])
         return d.to(torch.float32)
 
     def user_vectors(self, seq: SeqInput) -> torch.Tensor:
