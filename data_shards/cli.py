@@ -178,9 +178,11 @@ def register(subparsers) -> None:
     b.add_argument("--encode-batch-size", type=int, default=64)
     b.add_argument("--device", default="cpu", help="device for the text encoder")
     b.add_argument("--text-features", action="append",
-                   help="pre-computed text features instead of the encoder: PATH[,dim=N][,ids=FILE][,format=F][,key=K]")
+                   help="pre-computed text features instead of the encoder: PATH[,dim=N][,ids=FILE][,format=F][,key=K]"
+                        "[,encoder=NAME]")
     b.add_argument("--image-features", action="append",
-                   help="pre-computed image features: PATH[,dim=N][,ids=FILE][,format=raw|npy|safetensors|pt][,key=K]")
+                   help="pre-computed image features: PATH[,dim=N][,ids=FILE][,format=raw|npy|safetensors|pt][,key=K]"
+                        "[,encoder=NAME] (encoder: the model that made them, recorded in the manifest)")
     b.add_argument("--shard-size", type=int, default=1000, help="users per sequence shard (default %(default)s)")
     b.add_argument("--items-per-shard", type=int, default=20000, help="items per item-table shard")
     b.add_argument("--seed", type=int, default=0, help="seed of the user-to-shard assignment")

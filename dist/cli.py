@@ -41,6 +41,9 @@ def launcher_env(nproc: int, base: dict | None = None) -> dict:
         gpu = False
     if not gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
+        # a CUDA_VISIBLE_DEVICES of a GPU-less machine only makes the deepspeed launcher print
+        # that it ignores it (the CPU accelerator reads the same variable)
+        env.pop("CUDA_VISIBLE_DEVICES", None)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)

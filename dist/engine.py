@@ -16,6 +16,7 @@ would cast the module to bf16 and require every input to match.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -65,9 +66,29 @@ def build_engine(dense: torch.nn.Module, cfg: ExperimentConfig, ds_config: dict,
 
     optimizer = build_optimizer(dense.parameters(), cfg.train.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.schedule, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=dense, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    with _without_untested_optimizer_warning():
+        engine, _, _, _ = deepspeed.initialize(model=dense, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
     return engine
+
+
+class _DropUntestedOptimizer(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_untested_optimizer_warning():
+    """ZeRO warns "untested optimizer" for any torch optimizer; handing it one (NAdam,
+    ``zero_allow_untested_optimizer``) is this project's design, so the line is noise."""
+    from deepspeed.utils import logger
+
+    f = _DropUntestedOptimizer()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -50,6 +50,13 @@ def load_plain_model(path: str | Path, cfg, url: str):
     return model, f"checkpoint {ck.path.name}"
 
 
+def _progress(loader, desc: str):
+    """The loader's batches under a tqdm bar on stderr (users ranked so far)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, total=len(loader), desc=desc, unit="batch", dynamic_ncols=True)
+
+
 def evaluate_path(path: str, config: str | None, split: str = "test", overrides: list[str] | None = None) -> dict:
     import torch
 
@@ -82,7 +89,7 @@ def evaluate_path(path: str, config: str | None, split: str = "test", overrides:
     model, kind = load_plain_model(p, cfg, url)
     loader = SequenceLoader(cfg.data, split, rank=0, world_size=1, shuffle=False)
     with torch.no_grad():
-        metrics = evaluate(model, loader, ks=cfg.eval.ks, mask_history=cfg.eval.mask_history,
-                           item_chunk_size=cfg.eval.item_chunk_size)
+        metrics = evaluate(model, _progress(loader, f"evaluate {split}"), ks=cfg.eval.ks,
+                           mask_history=cfg.eval.mask_history, item_chunk_size=cfg.eval.item_chunk_size)
     return {"path": str(path), "kind": kind, "split": split, "data": url, **metrics}
 

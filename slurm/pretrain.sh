@@ -20,7 +20,7 @@
 #   bash slurm/pretrain.sh --help
 #       print this text
 # TRAIN_ARGs are appended to `dist/train.py --config CONFIG --output-dir OUTPUT_DIR`,
-# e.g. --set train.lr=5e-4. sbatch options given on the command line override the
+# e.g. --set train.optimizer.lr=5e-4. sbatch options given on the command line override the
 # #SBATCH defaults below (e.g. --nodes=4 --partition=gpu --time=2-00:00:00).
 #
 # Variables read by the job (sbatch exports your environment to it):
