@@ -206,7 +206,7 @@ class Trainer:
         guard = NonFiniteGuard(self.env, cfg.train.max_nonfinite_steps)
         mark_training_loop()
         model.train()
-        while st.epoch < cfg.train.epochs and not st.stopped_early:
+        while st.epoch < cfg.train.epochs and not st.stopped_early and not self.wall_time_hit:
             if cfg.train.max_steps and st.step >= cfg.train.max_steps:
                 break
             epoch = st.epoch
@@ -217,8 +217,6 @@ class Trainer:
             it = iter(loader)
             while st.epoch_step < self.steps_per_epoch:
                 if cfg.train.max_steps and st.step >= cfg.train.max_steps:
-                    break
-                if self.out_of_wall_time():
                     break
                 bad = 0
                 n_micro = micro_batches_in_step(self.micro_batches_per_epoch, gas, st.epoch_step)
@@ -245,6 +243,8 @@ class Trainer:
                 self.monitor.advance(1)
                 if st.step % cfg.train.log_every_steps == 0 or st.epoch_step == self.steps_per_epoch:
                     self._log_step(epoch)   # (also at every epoch end: few steps per epoch still log)
+                if self.out_of_wall_time():
+                    break
                 every = cfg.checkpoint.every_steps
                 if every and st.step % every == 0 and st.epoch_step < self.steps_per_epoch:
                     st.train_seconds += time.time() - t0
@@ -266,15 +266,14 @@ class Trainer:
     def out_of_wall_time(self) -> bool:
         """``train.max_wall_time`` (seconds since this process started the run) used up:
         all ranks agree (rank 0's clock decides), the loop stops after the current step,
-        evaluates, and the run ends normally (best checkpoint exported, metrics.json)."""
+        evaluates, and the run ends normally (best checkpoint exported, metrics.json).
+        A ``--resume`` of such a run continues it (the limit is per process)."""
         limit = self.cfg.train.max_wall_time
         if not limit or self.wall_time_hit:
             return self.wall_time_hit
         flag = torch.tensor([1.0 if (self.env.is_main and time.time() - self.t_start >= limit) else 0.0],
                             dtype=torch.float64)
         self.wall_time_hit = bool(self.env.all_reduce_sum(flag)[0] > 0)
-        if self.wall_time_hit:
-            self.state.stopped_early = True
         return self.wall_time_hit
 
     def _end_epoch(self, epoch: int, train_loss: float) -> None:
@@ -413,6 +412,7 @@ def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.Pat
             export_checkpoint(ck, export_dir)
     env.barrier()
     metrics = _summary(parts, meta, st, store, export_dir, time.time() - t_start, fit_seconds)
+    metrics["stopped_by_wall_time"] = trainer.wall_time_hit
     if env.is_main:
         tmp = output_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))

@@ -196,3 +196,29 @@ def test_nadam_under_release_summation_equals_ours_with_decay_over_k():
     naive = train(5e-3, divide=True)
     assert torch.allclose(release, ours, rtol=0, atol=1e-12)
     assert (release - naive).abs().max() > 1e-6        # keeping 5e-3 under averaging decays k times harder
+
+
+# ---------------------------------------------------------------------- wall-clock limit
+@pytest.mark.slow
+def test_max_wall_time_ends_a_run_cleanly(tmp_path):
+    """A limit shorter than one step: one step, then the partial epoch is evaluated, the
+    best checkpoint exported and metrics.json written, exit 0."""
+    import json
+    import subprocess
+    import sys
+
+    from dist.cli import launcher_env
+
+    env = launcher_env(1)
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "dist" / "train.py"), "--config",
+                           str(REPO / "configs" / "tiny_finetune.yaml"), "--output-dir", str(out),
+                           "--set", "train.max_wall_time=0.001", "--set", "train.epochs=3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stopped_by_wall_time"] is True and m["steps"] == 1 and m["best_epoch"] == 1
+    assert m["test"]["hr@10"] >= 0 and (out / "export" / "model.safetensors").is_file()
+    assert "train.max_wall_time (0.001 s) reached at step 1" in proc.stdout + proc.stderr
+    assert "untested optimizer" not in proc.stdout + proc.stderr      # ZeRO's noise about our NAdam
