@@ -392,7 +392,7 @@ class ShardedItemTables:
     def _load_dense_state(self, reader: ShardReader) -> None:
         t = next(t for t in self.packed if t.kind == TRAINABLE)
         scalars = reader.metas[0].get("dense_scalars", {}) if reader.metas else {}
-        names = sorted({s for table, s, _, _ in reader._index if table == t.name and s.startswith("dense_")})
+        names = sorted({s for table, s, *_ in reader._index if table == t.name and s.startswith("dense_")})
         for lo, p in self._dense_params:
             state = {k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.items()}
             for name in names:

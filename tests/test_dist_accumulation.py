@@ -88,6 +88,60 @@ def _worker(out: str, mode: str, gases: tuple[int, ...] = (K, 1)) -> None:
         Path(f"{out}.json").write_text(json.dumps({str(k): v for k, v in res.items()}))
 
 
+def _resume_worker(out: str) -> None:
+    """tables.optimizer: dense survives a checkpoint: A trains 2 steps and saves its table
+    state; B (fresh) loads it and A's dense weights; one more step on the same batch
+    must move both tables identically (the NAdam moments and step count restored)."""
+    sys.path.insert(0, str(REPO))
+    from dist.env import prepare_process_env
+
+    prepare_process_env()
+    import torch
+    from safetensors.torch import save_file
+
+    from data_shards import SequenceLoader
+    from dist.config import load_experiment
+    from dist.env import init_distributed
+    from dist.setup import build, preflight
+    from dist.tables import ShardReader
+
+    cfg = load_experiment(TINY_FT, BASE + ["tables.optimizer=dense", "train.optimizer.name=nadam",
+                                           "train.optimizer.lr=0.01", f"data.batch_size={B}"])
+    ds = preflight(cfg, TINY_FT)
+    env = init_distributed()
+
+    def one_step(model, batch):
+        model.set_accumulation_boundary(True)
+        loss, _, _ = model.train_loss(model.to_device(batch), "full")
+        model.backward(loss)
+        model.step()
+
+    def table(model):
+        return torch.cat([w.detach().clone() for _, w in model.tables.local_shards("trainable")])
+
+    pa = build(cfg, env, ds)
+    batches = [b for _, b in zip(range(3), SequenceLoader(pa.cfg.data, "train", shuffle=False, num_workers=0),
+                                 strict=False)]
+    a = pa.model
+    for b in batches[:2]:
+        one_step(a, b)
+    tensors, meta = a.tables.state_tensors()
+    save_file(tensors, f"{out}.safetensors")
+    reader = ShardReader([f"{out}.safetensors"], [meta])
+    assert {"dense_exp_avg", "dense_exp_avg_sq"} <= {s for _, s, *_ in reader._index}
+    assert meta["dense_scalars"]["step"] == 2.0
+    b_model = build(cfg, env, ds).model
+    b_model.tables.load_state(reader, load_optimizer=True)
+    b_model.engine.module.load_state_dict(a.engine.module.state_dict())
+    assert torch.equal(table(a), table(b_model))
+    before = table(a)
+    one_step(a, batches[2])
+    one_step(b_model, batches[2])
+    moved = (table(a) - before).abs().max().item()
+    diff = (table(a) - table(b_model)).abs().max().item()
+    Path(f"{out}.json").write_text(json.dumps({"moved": moved, "diff": diff}))
+
+
 def _compare(a: Path, b: Path, ka: int, kb: int, table_atol: float = 1e-6) -> None:
     import torch
     from safetensors.torch import load_file
@@ -129,6 +183,19 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, mode):
     _compare(out, out, K, 1, table_atol=2e-3 if mode == "adagrad" else 1e-6)
 
 
+def test_dense_table_optimizer_state_survives_a_checkpoint(tmp_path):
+    from dist.cli import launcher_env
+
+    env = launcher_env(1)
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "resume"
+    proc = subprocess.run([sys.executable, __file__, "--resume-worker", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads(Path(f"{out}.json").read_text())
+    assert r["moved"] > 1e-4 and r["diff"] < 1e-7, r
+
+
 def test_dense_table_optimizer_on_two_processes_equals_one(tmp_path):
     """tables.optimizer: dense, accumulated, on 2 processes (each half of every micro-batch,
     its own half of the table's rows) = one process over the same global batches."""
@@ -141,9 +208,13 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--accumulation-worker", required=True)
-    ap.add_argument("--mode", required=True)
+    ap.add_argument("--accumulation-worker")
+    ap.add_argument("--resume-worker")
+    ap.add_argument("--mode", default="dense")
     ap.add_argument("--gases", default=f"{K},1")
     ap.add_argument("--local_rank", type=int, default=None)
     a = ap.parse_args()
-    _worker(a.accumulation_worker, a.mode, tuple(int(g) for g in a.gases.split(",")))
+    if a.resume_worker:
+        _resume_worker(a.resume_worker)
+    else:
+        _worker(a.accumulation_worker, a.mode, tuple(int(g) for g in a.gases.split(",")))
