@@ -26,6 +26,15 @@ def _default_nproc() -> int:
         return 1
 
 
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def launcher_env(nproc: int, base: dict | None = None) -> dict:
     """Environment for a local multi-process launch: DeepSpeed's CPU accelerator when
     there is no GPU, one shared extension cache, the cores split between processes."""
@@ -33,13 +42,7 @@ def launcher_env(nproc: int, base: dict | None = None) -> dict:
     from .config import default_cache_dir
 
     env.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
-    try:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        gpu = False
-    if not gpu:
+    if not _has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
         # a CUDA_VISIBLE_DEVICES of a GPU-less machine only makes the deepspeed launcher print
         # that it ignores it (the CPU accelerator reads the same variable)
@@ -61,6 +64,10 @@ def launcher_command(nproc: int, train_args: list[str], launcher: str = "deepspe
         cmd += ["--num_gpus", str(nproc)]
         if master_port:
             cmd += ["--master_port", str(master_port)]
+        if not _has_cuda():
+            # its INFO lines (world info, "Setting CUDA_VISIBLE_DEVICES=0,1", spawn commands)
+            # mean nothing on CPU; warnings and errors still show (forwarded to launch.py)
+            cmd += ["--log_level", "warning"]
         return cmd + [str(TRAIN_PY), *train_args]
     if launcher == "torchrun":
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]

@@ -174,6 +174,8 @@ def test_launcher_command_and_env():
     assert env["TORCH_EXTENSIONS_DIR"] and str(REPO) in env["PYTHONPATH"]
     if not torch.cuda.is_available():
         assert env["DS_ACCELERATOR"] == "cpu"
+        assert "CUDA_VISIBLE_DEVICES" not in launcher_env(2, base={"CUDA_VISIBLE_DEVICES": "0"})
+        assert cmd[cmd.index("--log_level") + 1] == "warning"    # no launcher INFO noise on CPU
 
 
 # ---------------------------------------------------------------------- pieces
