@@ -10,8 +10,11 @@ to a multiple of 4 for fbgemm):
 
 * ``features``: frozen. Its output is detached, so backward never reaches it; its
   fused optimizer is plain SGD with lr 0 (stateless: no optimizer memory).
-* ``trainable``: its fused optimizer (``tables.optimizer``) runs inside backward,
-  row by row, on the rank that owns the row.
+* ``trainable``: updated once per optimizer step from the gradient accumulated over
+  the step's micro-batches (``step()``): by fbgemm's fused row-wise optimizer
+  (``tables.optimizer``: adagrad, rowwise_adagrad, sgd, adam), fed through one extra
+  backward of the accumulated rows, or by the model's optimizer over the whole table
+  (``dense``: the release's treatment of the ID term, for tables that fit every rank).
 
 Both are built on the meta device, planned row-wise (or table-wise) with a
 ``Topology`` of the job and ``collective_plan``, and wrapped ALONE in torchrec's
@@ -25,9 +28,9 @@ Boundary with DeepSpeed (the contract ``dist/model.py`` relies on):
   dense gradients: torchrec's all-to-all backward divides by the world size
   (``torchrec.distributed.comm_ops`` gradient division, asserted on here), so both
   sides follow the gradient of the same global loss and 1 and N processes agree;
-* ``engine.backward(loss)`` drives the fused table update (DeepSpeed's loss scaling
-  for gradient accumulation applies to the tables too); tables step every
-  micro-batch, the dense optimizer at accumulation boundaries.
+* ``engine.backward(loss)`` only accumulates the row gradients (DeepSpeed's loss
+  scaling for gradient accumulation applies to them too); ``tables.step()`` and the
+  dense optimizer both step at accumulation boundaries (``DistRecModel.step``).
 
 Initialisation and checkpoints are by *global row*: every row's initial value is a
 function of (seed, table, row), and checkpoints store each rank's row ranges with
@@ -154,7 +157,7 @@ class ShardedItemTables:
     """The item tables of one model, sharded over the job (``env``).
 
     ``lookup(ids)`` -> ``{spec name: rows [*ids.shape, dim]}`` (feature rows detached;
-    trainable rows carry the gradient that the fused optimizer applies in backward).
+    trainable rows are leaves whose gradients accumulate until ``step()``).
     """
 
     def __init__(self, specs: list[TableSpec], cfg: TablesConfig, env, seed: int, dense_optimizer=None):
