@@ -256,6 +256,9 @@ class Trainer:
                                  f"(epoch {epoch + 1}, step {st.epoch_step}/{self.steps_per_epoch}): stopping")
             self.monitor.end_epoch()
             st.train_seconds += time.time() - t0
+            if self.wall_time_hit and st.epoch_step < self.steps_per_epoch:
+                self._stop_mid_epoch(epoch)
+                break
             totals = self.env.all_reduce_sum(epoch_loss)
             st.samples += float(totals[1])
             st.epoch_loss = [0.0, 0.0]
@@ -275,6 +278,22 @@ class Trainer:
                             dtype=torch.float64)
         self.wall_time_hit = bool(self.env.all_reduce_sum(flag)[0] > 0)
         return self.wall_time_hit
+
+    def _stop_mid_epoch(self, epoch: int) -> None:
+        """The wall-clock limit struck inside an epoch: checkpoint here (a ``--resume``
+        continues this epoch at the next step); the run's best stays the best evaluated
+        checkpoint, or, when nothing was evaluated yet, these weights are evaluated and
+        become it (so there is always something to export and test)."""
+        cfg, st = self.cfg, self.state
+        if st.best_tag is None:
+            valid = self._evaluate("valid")
+            st.best_metric, st.best_epoch, st.best_step, st.best_valid = valid[cfg.eval.metric], epoch + 1, st.step, valid
+            if cfg.eval.test:
+                st.best_test = self._evaluate("test")
+            st.best_tag = tag_for_step(st.step)     # the checkpoint saved right below
+            self.monitor.log(f"epoch {epoch + 1} (partial, {st.epoch_step}/{self.steps_per_epoch} steps): valid "
+                             f"{cfg.eval.metric} {st.best_metric:.4f}")
+        self.save()
 
     def _end_epoch(self, epoch: int, train_loss: float) -> None:
         cfg, st = self.cfg, self.state

@@ -200,9 +200,9 @@ def test_nadam_under_release_summation_equals_ours_with_decay_over_k():
 
 # ---------------------------------------------------------------------- wall-clock limit
 @pytest.mark.slow
-def test_max_wall_time_ends_a_run_cleanly(tmp_path):
-    """A limit shorter than one step: one step, then the partial epoch is evaluated, the
-    best checkpoint exported and metrics.json written, exit 0."""
+def test_max_wall_time_ends_a_run_cleanly_and_resumes_exactly_there(tmp_path):
+    """A limit shorter than one step: one step, a checkpoint there, the weights evaluated
+    (nothing was yet), exported, metrics.json written, exit 0; --resume finishes the epoch."""
     import json
     import subprocess
     import sys
@@ -212,13 +212,21 @@ def test_max_wall_time_ends_a_run_cleanly(tmp_path):
     env = launcher_env(1)
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "dist" / "train.py"), "--config",
-                           str(REPO / "configs" / "tiny_finetune.yaml"), "--output-dir", str(out),
-                           "--set", "train.max_wall_time=0.001", "--set", "train.epochs=3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["stopped_by_wall_time"] is True and m["steps"] == 1 and m["best_epoch"] == 1
+
+    def train(*sets, resume=False):
+        args = [a for kv in sets for a in ("--set", kv)] + (["--resume"] if resume else [])
+        proc = subprocess.run([sys.executable, str(REPO / "dist" / "train.py"), "--config",
+                               str(REPO / "configs" / "tiny_finetune.yaml"), "--output-dir", str(out),
+                               "--set", "train.epochs=1", "--set", "train.steps_per_epoch=4", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr, json.loads((out / "metrics.json").read_text())
+
+    text, m = train("train.max_wall_time=0.001")
+    assert m["stopped_by_wall_time"] is True and m["steps"] == 1 and m["best_step"] == 1
     assert m["test"]["hr@10"] >= 0 and (out / "export" / "model.safetensors").is_file()
-    assert "train.max_wall_time (0.001 s) reached at step 1" in proc.stdout + proc.stderr
-    assert "untested optimizer" not in proc.stdout + proc.stderr      # ZeRO's noise about our NAdam
+    assert "train.max_wall_time (0.001 s) reached at step 1 (epoch 1, step 1/4)" in text
+    assert "untested optimizer" not in text      # ZeRO's noise about our NAdam is gone
+    text, m = train(resume=True)
+    assert "resumed from" in text and "epoch 1, step 1" in text
+    assert m["stopped_by_wall_time"] is False and m["steps"] == 4 and m["epochs_run"] == 1
