@@ -287,7 +287,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         if st.best_tag is None:
             valid = self._evaluate("valid")
-            st.best_metric, st.best_epoch, st.best_step, st.best_valid = valid[cfg.eval.metric], epoch + 1, st.step, valid
+            st.best_metric, st.best_valid = valid[cfg.eval.metric], valid
+            st.best_epoch, st.best_step = epoch + 1, st.step
             if cfg.eval.test:
                 st.best_test = self._evaluate("test")
             st.best_tag = tag_for_step(st.step)     # the checkpoint saved right below

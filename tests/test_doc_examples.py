@@ -16,6 +16,8 @@ BASE = REPO / "configs" / "tiny_finetune.yaml"
 SET_RE = re.compile(r"""--set[ =]+["']?([A-Za-z_][\w.]*)=([^\s"'`)\]]*)""")
 #: values that stand for "your value here" in the docs
 PLACEHOLDER_RE = re.compile(r"^(\.\.\.|…|<.*|\$.*|[A-Z][A-Z_]*)$|^[A-Z][A-Z_]*/|…|\.\.\.$")
+PLACEHOLDER = "<placeholder>"
+STAND_INS = ("placeholder", "1", "true")    # a placeholder stands for a value of the field's type
 URL_DATA = ["data.sample=null", "data.url=shards/example"]
 GENERIC_KEYS = {"k", "key", "KEY"}     # the syntax itself: --set KEY=VALUE
 
@@ -37,7 +39,7 @@ def _examples() -> list[tuple[str, list[str]]]:
                 if key in GENERIC_KEYS:
                     continue
                 if not value or PLACEHOLDER_RE.search(value):
-                    value = "placeholder"
+                    value = PLACEHOLDER
                 sets.append(f"{key}={value}")
             if sets:
                 out.append((f"{f.relative_to(REPO)}:{n}", sets))
@@ -52,22 +54,33 @@ def test_examples_are_found():
     assert {"README.md", "docs/training.md", "docs/slurm.md", "slurm/finetune.sh"} <= where
 
 
+def _parses(sets: list[str]) -> str | None:
+    """None if some stand-in for the placeholders makes ``sets`` load, else the first error."""
+    first = None
+    for stand_in in STAND_INS:
+        try:
+            load_experiment(BASE, [kv.replace(PLACEHOLDER, stand_in) for kv in sets])
+            return None
+        except ConfigError as e:
+            first = first or str(e)
+        if not any(PLACEHOLDER in kv for kv in sets):
+            break
+    return first
+
+
 @pytest.mark.parametrize("where,sets", EXAMPLES, ids=[w for w, _ in EXAMPLES])
 def test_set_example_parses_against_the_schema(where, sets):
     """A line's sets are one command, or (a table row) separate examples: either parses."""
-    try:
-        load_experiment(BASE, sets)
+    together = _parses(sets)
+    if together is None:
         return
-    except ConfigError as e:
-        together = e
     for one in sets:
         errors = []
         for context in ([], URL_DATA):      # the base config names a bundled sample; a url variant
-            try:
-                load_experiment(BASE, [*context, one])
+            err = _parses([*context, one])
+            if err is None:
                 break
-            except ConfigError as e:
-                errors.append(str(e))
+            errors.append(err)
         else:
             pytest.fail(f"{where}: --set {one}: {errors[0]} (together with the line's other sets: {together})")
 
