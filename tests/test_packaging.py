@@ -66,6 +66,8 @@ def test_wheel_contents_and_metadata(wheel):
     for pkg in PACKAGES:
         assert f"{pkg}/__init__.py" in names
     assert {f"dist/ds_configs/zero{i}.json" for i in range(4)} <= set(names)    # the bundled DeepSpeed JSONs
+    assert "mmm4rec/py.typed" in names                                          # typed package (PEP 561)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names  # Apache-2.0 text
     assert "dist/train.py" in names and not any(n.startswith(("tests/", "configs/")) for n in names)
     assert "mmm4rec = mmm4rec.cli:main" in entry
     base = [line.split(":", 1)[1].strip() for line in meta.splitlines()
