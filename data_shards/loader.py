@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmm4rec.contract import Batch
+
 from .config import ShardsConfig
 from .errors import ShardError
 from .samples import SPLITS, collate_index, sample_index
@@ -129,13 +131,14 @@ class _ReshardedEpoch:
     def __init__(self, views: list[SequenceLoader], offset: int, rows: int):
         self.views, self.offset, self.rows = views, offset, rows
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         for parts in zip(*self.views):
-            yield {k: torch.cat([p[k] for p in parts])[self.offset:self.offset + self.rows] for k in parts[0]}
+            yield Batch(**{k: torch.cat([p[k] for p in parts])[self.offset:self.offset + self.rows]
+                           for k in parts[0]})
 
 
 class SequenceLoader:
-    """Iterable of batch dicts (``docs/architecture.md``) streamed from a shard set.
+    """Iterable of batches (``mmm4rec.contract.Batch``, docs/architecture.md) streamed from a shard set.
 
     Args:
         cfg_or_url: a :class:`ShardsConfig` (its fields are the defaults of the
@@ -313,7 +316,7 @@ class SequenceLoader:
         self._resharded = _ReshardedEpoch(views, lo - views[0].rank * batch_size, self.batch_size)
         self._epoch = int(state["epoch"])
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self._resharded is not None:
             yield from self._resharded
             return
@@ -334,7 +337,7 @@ class SequenceLoader:
         try:
             for slot, batch in batches:
                 self._consumed[slot] += 1
-                yield batch
+                yield Batch.of(batch)   # the DataLoader hands a Batch over as a plain dict
         finally:
             # Stop the workers now, also when the caller stops early or an error surfaces;
             # left to garbage collection, their shutdown can stall for seconds.
@@ -390,7 +393,7 @@ class SequenceLoader:
             np.concatenate([r["times"] for r in recs]) if recs else np.zeros(0, np.float64),
             offsets, np.array([int(r["user"]) for r in recs], dtype=np.int64), seq[lo:hi], target[lo:hi])
 
-    def _slot_batches(self, epoch: int, slot: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _slot_batches(self, epoch: int, slot: int, skip_batches: int) -> Iterator[Batch]:
         """The batches of one slot, starting after its first ``skip_batches``."""
         B, target_batches = self.batch_size, int(self._slot_batches_target[slot])
         emitted = skip_batches
@@ -427,7 +430,7 @@ class SequenceLoader:
             yield self._collate(empty)
             emitted += 1
 
-    def _collate(self, chunk: _Chunk) -> dict[str, torch.Tensor]:
+    def _collate(self, chunk: _Chunk) -> Batch:
         return collate_index(chunk.items, chunk.times, chunk.offsets, chunk.users, chunk.seq, chunk.target,
                              self.max_len, pad_to=self.batch_size)
 

@@ -18,6 +18,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mmm4rec.contract import Batch
+
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
@@ -50,8 +52,8 @@ def expand(user: int, items: np.ndarray, times: np.ndarray, split: str, max_len:
         }
 
 
-def collate(samples: Sequence[dict], max_len: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Stack samples into the batch dict of ``docs/architecture.md``.
+def collate(samples: Sequence[dict], max_len: int, pad_to: int | None = None) -> Batch:
+    """Stack samples into a batch (``mmm4rec.contract.Batch``, docs/architecture.md).
 
     ``pad_to`` appends weight-0 padding rows (history = [item 1], target 1) so that
     every rank can run the same number of same-sized steps.
@@ -78,15 +80,8 @@ def collate(samples: Sequence[dict], max_len: int, pad_to: int | None = None) ->
         target_time[r] = s["target_time"]
         user[r] = s["user"]
         weight[r] = 1.0
-    return {
-        "user": user,
-        "item_seq": item_seq,
-        "time_seq": time_seq,
-        "item_seq_len": seq_len,
-        "target": target,
-        "target_time": target_time,
-        "weight": weight,
-    }
+    return Batch(item_seq=item_seq, time_seq=time_seq, item_seq_len=seq_len, target=target, weight=weight,
+                 target_time=target_time, user=user)
 
 
 # --------------------------------------------------------------------------- vectorised twins
@@ -124,7 +119,7 @@ def sample_index(lengths: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarra
 
 def collate_index(items: np.ndarray, times: np.ndarray, offsets: np.ndarray, users: np.ndarray,
                   seq: np.ndarray, target: np.ndarray, max_len: int, pad_to: int | None = None
-                  ) -> dict[str, torch.Tensor]:
+                  ) -> Batch:
     """``collate`` without building samples: gather histories straight from CSR sequences.
 
     ``items`` int64 / ``times`` float64 [T] hold sequences back to back, sequence ``j``
@@ -161,4 +156,4 @@ def collate_index(items: np.ndarray, times: np.ndarray, offsets: np.ndarray, use
     out["target"][:b] = items[tgt]
     out["target_time"][:b] = times[tgt]
     out["weight"][:b] = 1.0
-    return {k: torch.from_numpy(v) for k, v in out.items()}
+    return Batch(**{k: torch.from_numpy(v) for k, v in out.items()})

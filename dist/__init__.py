@@ -4,12 +4,11 @@ the item tables (docs/training.md, docs/checkpoints.md).
     train.py       the entry point (thin): argument parsing, exit codes
     config.py      the experiment config (typed sections, DeepSpeed JSON checks)
     env.py         launcher environment, process group, seeds, RNG state
-    setup.py       preflight checks and building a run (data, model config, tables, engine)
+    build.py       preflight checks and building a run (data, model config, tables, engine)
     tables.py      torchrec EmbeddingCollections: packing, sharding, fused optimizers
     engine.py      torch optimizer, LR schedule, deepspeed.initialize, precision
-    model.py       the seam: table lookups -> dense engine -> loss
-    evaluation.py  distributed full-ranking evaluation
-    trainer.py     the loop: steps, evaluation, early stopping, checkpoints, export
+    model.py       the seam: table lookups -> dense engine -> loss (mmm4rec.contract.RecModel)
+    trainer.py     the loop: steps, evaluation (mmm4rec.evaluate), early stopping, checkpoints, export
     checkpoint.py  atomic checkpoints on disk or fsspec URLs, safe loading
     export.py      transferable weights of a checkpoint (any ZeRO stage)
     monitor.py     tqdm, TensorBoard, CSV

@@ -25,9 +25,11 @@ Atomic commit:
   its pointer is, and a half-uploaded one is never named by ``latest``.
 
 Loading never unpickles arbitrary objects: our own files are safetensors and JSON;
-DeepSpeed's ``*.pt`` files are read inside :func:`safe_torch_load`, which forces
-``torch.load(weights_only=True)`` for DeepSpeed's loader and its fp32 utilities and
-allowlists exactly the three plain data types DeepSpeed pickles into them.
+DeepSpeed's ``*.pt`` files are read with :func:`safe_load` (``torch.load(weights_only=True)``
+allowlisting exactly the three plain data types DeepSpeed pickles into them): by our
+own code, by the engine's checkpoint engine (:func:`use_safe_checkpoint_engine`, set
+when the engine is built) and by DeepSpeed's fp32 utility (:func:`safe_zero_to_fp32`).
+Nothing patches ``torch.load`` itself.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointStore", "CheckpointDir", "safe_torch_load", "tag_for_step", "ENGINE_TAG"]
+__all__ = ["CheckpointStore", "CheckpointDir", "safe_load", "use_safe_checkpoint_engine", "safe_zero_to_fp32",
+           "tag_for_step", "ENGINE_TAG"]
 
 ENGINE_TAG = "engine"
 LATEST = "latest"
@@ -65,25 +68,52 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def safe_load(path, map_location=None, **kwargs):
+    """``torch.load(weights_only=True)`` allowing only DeepSpeed's ``LossScaler``,
+    ``ZeroStageEnum`` and ``fragment_address`` besides tensors and plain data: a
+    tampered file raises instead of running code."""
+    kwargs.pop("weights_only", None)   # DeepSpeed passes False
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+
+
+def use_safe_checkpoint_engine(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files with :func:`safe_load`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location=map_location)
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}")
+    safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
+    safe.__dict__.update(current.__dict__)
+    engine.checkpoint_engine = safe
+
+
+class _SafeTorch:
+    """The ``torch`` module as ``deepspeed.utils.zero_to_fp32`` sees it in
+    :func:`safe_zero_to_fp32`: everything torch's, ``load`` = :func:`safe_load`."""
+
+    load = staticmethod(safe_load)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 @contextlib.contextmanager
-def safe_torch_load() -> Iterator[None]:
-    """Within this block every ``torch.load`` (DeepSpeed's checkpoint engine and
-    ``zero_to_fp32`` call it with ``weights_only=False``) runs with
-    ``weights_only=True`` and only DeepSpeed's ``LossScaler``, ``ZeroStageEnum`` and
-    ``fragment_address`` allowlisted: a tampered file raises instead of running code."""
-    original = torch.load
-    allowed = _deepspeed_safe_globals()
+def safe_zero_to_fp32() -> Iterator[Any]:
+    """``deepspeed.utils.zero_to_fp32`` (which calls ``torch.load(weights_only=False)``)
+    reading through :func:`safe_load`: only that module's name ``torch`` is replaced, for
+    the block; ``torch.load`` stays as it is for everyone else."""
+    from unittest import mock
 
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
+    from deepspeed.utils import zero_to_fp32
 
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
+    with mock.patch.object(zero_to_fp32, "torch", _SafeTorch()):
+        yield zero_to_fp32
 
 
 # ------------------------------------------------------------------------ fs helpers

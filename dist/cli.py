@@ -130,8 +130,8 @@ def _check_before_launch(args, launcher: str, nproc: int) -> None:
     manifest against the model config (reaching the storage), the rendezvous port."""
     from mmm4rec.config import ConfigError
 
+    from .build import prelaunch_check
     from .config import deepspeed_overlap, load_deepspeed_config, load_experiment, report_overlap
-    from .setup import prelaunch_check
 
     cfg = load_experiment(args.config, args.overrides)
     path, ds = load_deepspeed_config(cfg, args.config)

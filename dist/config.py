@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from data_shards import ShardsConfig, StorageConfig
 from mmm4rec.config import ConfigError, from_dict, load_yaml, to_dict
+from mmm4rec.contract import DEFAULT_KS
 from mmm4rec.models import MODELS
 from mmm4rec.paths import cache_dir
 
@@ -203,7 +204,7 @@ class EvalConfig:
     on valid (early stopping on ``metric`` with ``patience`` evaluations, 0 = never
     stop early), and on test with the best checkpoint at the end."""
 
-    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     metric: str = "ndcg@10"
     patience: int = 10
     every_epochs: int = 1

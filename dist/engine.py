@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .checkpoint import use_safe_checkpoint_engine
 from .config import ExperimentConfig, OptimizerConfig, ScheduleConfig
 
 __all__ = ["build_optimizer", "lr_multiplier", "build_scheduler", "build_engine", "resolve_precision",
@@ -69,6 +70,7 @@ def build_engine(dense: torch.nn.Module, cfg: ExperimentConfig, ds_config: dict,
     with _without_untested_optimizer_warning():
         engine, _, _, _ = deepspeed.initialize(model=dense, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+    use_safe_checkpoint_engine(engine)   # checkpoint files read with weights_only=True
     return engine
 
 

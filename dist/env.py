@@ -210,3 +210,14 @@ def rng_isolated():
         yield
     finally:
         torch.set_rng_state(state)
+
+
+def rng_isolated_batches(batches):
+    """Iterate ``batches``, each one fetched under :func:`rng_isolated`."""
+    it = iter(batches)
+    while True:
+        with rng_isolated():
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch

@@ -2,7 +2,8 @@
 
 This is also the single-process reference the distributed evaluation is checked
 against (``tests/test_dist_runs.py``): a plain ``mmm4rec.models`` model and
-``mmm4rec.evaluate.evaluate`` (chunked ranking, items encoded once) over a world-of-one loader.
+``mmm4rec.evaluate.evaluate`` (chunked ranking, items encoded once; the trainer calls
+it with a cross-rank ``all_reduce``) over a world-of-one loader.
 """
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ import dataclasses
 from pathlib import Path
 
 from mmm4rec.config import ConfigError
+from mmm4rec.export_format import is_export, read_header
 
 from .checkpoint import CheckpointDir
 
 __all__ = ["evaluate_path", "load_plain_model"]
-
-
-def _is_export(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
 
 
 def load_plain_model(path: str | Path, cfg, url: str):
@@ -31,10 +29,8 @@ def load_plain_model(path: str | Path, cfg, url: str):
     storage = cfg.data.storage.to_options()
     table = load_item_table(url, storage)
     p = Path(path)
-    if _is_export(p):
-        from mmm4rec.models.base import read_export
-
-        head, _ = read_export(p)
+    if is_export(p):
+        head = read_header(p)
         _, model_cfg = resolve_model_config(cfg, read_manifest(url, storage))
         cls = MODELS[head["model_type"]]
         data_fields = {k: getattr(model_cfg, k) for k in ("num_items", "max_len", "text_dim", "image_dim")
@@ -63,13 +59,13 @@ def evaluate_path(path: str, config: str | None, split: str = "test", overrides:
     from data_shards import SequenceLoader
     from mmm4rec.evaluate import evaluate
 
+    from .build import resolve_data_url
     from .config import load_experiment
-    from .setup import resolve_data_url
 
     p = Path(path)
     if config is None:
         ck_cfg = None
-        if not _is_export(p):
+        if not is_export(p):
             ck = CheckpointDir.resolve(p)
             ck_cfg = ck.path / "config.yaml"
         if ck_cfg is None or not ck_cfg.is_file():

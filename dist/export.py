@@ -1,19 +1,18 @@
 """Export: a checkpoint's transferable weights -> ``model.safetensors`` + ``config.json``.
 
-The output is exactly what ``SeqRecModel.save_pretrained`` writes, so
+The format (``mmm4rec.export_format``) is what ``SeqRecModel.save_pretrained`` writes, so
 ``MMM4Rec.from_pretrained(OUT)`` loads it: only ``model.dense`` (adapters, blocks,
 norms, shared fusion weight), never the per-domain item tables or the ID term.
 
 The dense weights are read from DeepSpeed's checkpoint at any ZeRO stage: stage 0
 from the module state, stages 1-3 consolidated from the fp32 optimizer partitions
 with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` -- inside
-:func:`~dist.checkpoint.safe_torch_load`, so nothing is unpickled beyond tensors and
+:func:`~dist.checkpoint.safe_zero_to_fp32`, so nothing is unpickled beyond tensors and
 DeepSpeed's three plain data types.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -22,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ENGINE_TAG, CheckpointDir, safe_torch_load
+from mmm4rec.export_format import EXPORT_DTYPES, EXPORT_FILES, is_header, write_files
+
+from .checkpoint import ENGINE_TAG, CheckpointDir, safe_load, safe_zero_to_fp32
 
 __all__ = ["dense_state_dict", "export_checkpoint", "write_export", "model_from_checkpoint", "check_export_target",
            "ExportError", "EXPORT_FILES", "EXPORT_DTYPES"]
@@ -31,53 +32,32 @@ __all__ = ["dense_state_dict", "export_checkpoint", "write_export", "model_from_
 def dense_state_dict(ck: CheckpointDir) -> dict[str, torch.Tensor]:
     """The dense module's fp32 state dict from a checkpoint (any ZeRO stage)."""
     stage = int(ck.state.get("zero_stage", 0))
-    with safe_torch_load():
-        if stage == 0:
-            files = sorted(ck.engine_dir.glob("mp_rank_*_model_states.pt"))
-            if not files:
-                raise FileNotFoundError(f"{ck.engine_dir}: no DeepSpeed model states")
-            state = torch.load(files[0], map_location="cpu")["module"]
-        else:
-            from deepspeed.utils.zero_to_fp32 import (
-                get_fp32_state_dict_from_zero_checkpoint,
-            )
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ck.path), tag=ENGINE_TAG)
+    if stage == 0:
+        files = sorted(ck.engine_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{ck.engine_dir}: no DeepSpeed model states")
+        state = safe_load(files[0], map_location="cpu")["module"]
+    else:
+        with safe_zero_to_fp32() as zero_to_fp32:
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ck.path), tag=ENGINE_TAG)
     return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
             for k, v in state.items()}
-
-
-#: ``--dtype`` of ``mmm4rec export``: how the floating-point weights are stored
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-#: what an export holds (the model card, README.md, when written); an output folder is
-#: replaced only when every entry is one of these or one the new export writes
-EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
 
 
 class ExportError(ValueError):
     """The export's output folder cannot be used (``mmm4rec export``: one line, exit 2)."""
 
 
-def _is_export_header(path: Path) -> bool:
-    try:
-        head = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(head, dict) and "model_type" in head and "config" in head
-
-
 def _foreign_entries(out: Path, own: set[str]) -> list[str]:
     """Entries of ``out`` that an export does not write (empty: ``out`` is new, empty or an
-    earlier export that may be replaced)."""
+    earlier export that may be replaced; ``own``: ``EXPORT_FILES`` and what the new one writes)."""
     if not out.exists() and not out.is_symlink():
         return []
     if not out.is_dir() or out.is_symlink():
         raise ExportError(f"{out}: exists and is not a directory; give a new or empty folder, or an earlier export")
     names = sorted(p.name for p in out.iterdir())
     foreign = [n for n in names if n not in own or not (out / n).is_file()]
-    if not foreign and names and not _is_export_header(out / "config.json"):
+    if not foreign and names and not is_header(out / "config.json"):
         foreign = names   # files with an export's names, but no export: not ours to replace
     return foreign
 
@@ -115,21 +95,13 @@ def write_export(model_type: str, config, state: dict[str, torch.Tensor], out: s
     renames and then removed; a folder with anything else is refused (:class:`ExportError`)
     before and after writing. ``dtype``: fp32 or bf16 for the floating-point tensors
     (``config.json`` records it; loading casts back to the model's)."""
-    from safetensors.torch import save_file
-
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype: must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     out = check_export_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        save_file({k: (v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
-                   for k, v in state.items()}, str(tmp / "model.safetensors"))
-        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        head = {"model_type": model_type, "config": cfg, "dtype": str(EXPORT_DTYPES[dtype]).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(head, indent=2))
-        if card is not None:
-            (tmp / "README.md").write_text(card)
+        write_files(tmp, model_type, config, state, dtype, card)
         _swap_into_place(tmp, out, own={*EXPORT_FILES, *(p.name for p in tmp.iterdir())})
     finally:
         if tmp.exists():

@@ -4,27 +4,29 @@
 
     rows = tables.lookup(ids)                 torchrec: sharded rows, plain tensors out
     u, V = engine(seq=SeqInput, items=rows)   DeepSpeed: the model's dense part
-    loss = CE(u, V) * (local weight * world / global weight)
+    loss = sum(weight * CE(u, V)) / (global weight / world)   (mmm4rec.losses)
     engine.backward(loss)                     dense grads (ZeRO) + table row grads accumulated
     tables.step(); engine.step()              at accumulation boundaries: one update of each
 
 The loss is normalised by the *global* number of real samples of the micro-batch
-(one scalar all-reduce), so padding rows and uneven ranks do not change the
-gradient: 1 and N processes over the same global batch give the same update.
+(one scalar all-reduce), divided by the world size because DeepSpeed averages the
+gradients over ranks, so padding rows and uneven ranks do not change the gradient:
+1 and N processes over the same global batch give the same update.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from mmm4rec import losses
+from mmm4rec.contract import Batch, Loss
 from mmm4rec.models import MODELS
 from mmm4rec.models.base import SeqInput
 
 from .engine import autocast
 
 __all__ = ["DistRecModel", "build_dense"]
-
-_BATCH_KEYS = ("item_seq", "time_seq", "item_seq_len", "target", "target_time", "weight")
 
 
 def build_dense(model_type: str, config) -> tuple[torch.nn.Module, list]:
@@ -36,7 +38,8 @@ def build_dense(model_type: str, config) -> tuple[torch.nn.Module, list]:
 
 
 class DistRecModel:
-    """Tables (``ShardedItemTables``) + dense engine (DeepSpeed) behind the model contract."""
+    """Tables (``ShardedItemTables``) + dense engine (DeepSpeed) behind the model contract
+    (``mmm4rec.contract.RecModel``). Every method that looks items up is collective."""
 
     def __init__(self, model_type: str, config, tables, engine, env, precision: str = "fp32"):
         self.model_type = model_type
@@ -46,13 +49,15 @@ class DistRecModel:
         self.env = env
         self.precision = precision
         self.num_items = int(config.num_items)
-        self.rank_padding = bool(getattr(config, "rank_padding", False))
 
     # ------------------------------------------------------------------ plumbing
-    def to_device(self, batch: dict) -> dict:
-        dev = self.env.device
-        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
-                if k in _BATCH_KEYS}
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def training(self) -> bool:
+        return self.engine.training
 
     def _dense(self, seq: SeqInput | None, items: dict | None):
         with autocast(self.precision, self.env.device):
@@ -62,35 +67,25 @@ class DistRecModel:
     def all_item_ids(self) -> torch.Tensor:
         return torch.arange(self.num_items + 1, device=self.env.device)
 
-    def forward(self, batch: dict, item_ids: torch.Tensor | None):
-        """(u [b, N], V [n, N]) for the batch's users and ``item_ids`` (None: no items)."""
-        seq = SeqInput.from_batch(batch, self.tables.lookup(batch["item_seq"]))
-        items = self.tables.lookup(item_ids) if item_ids is not None else None
-        return self._dense(seq, items)
+    def forward(self, batch: Batch, item_ids: torch.Tensor | None):
+        """(u [b, N], V [n, N]) for the batch's users and ``item_ids`` (None: all items)."""
+        if item_ids is None:
+            item_ids = self.all_item_ids()
+        seq = SeqInput.from_batch(batch, self.tables.lookup(batch.item_seq))
+        return self._dense(seq, self.tables.lookup(item_ids))
 
     # ------------------------------------------------------------------ training
-    def train_loss(self, batch: dict, loss: str, mask_duplicates: bool = False,
-                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss to backward, local weighted loss sum, local weight) for one micro-batch.
-
-        The returned loss is this rank's share of the global mean over real rows:
-        DeepSpeed's gradient average then equals the gradient of the global mean.
-        """
-        w = batch["weight"].float()
-        local_w = w.sum()
-        global_w = self.env.all_reduce_sum(local_w.detach().clone())
-        if loss == "full":
-            u, V = self.forward(batch, self.all_item_ids())
-            mean = losses.full_softmax_ce(u, V, batch["target"], w,
-                                          exclude_padding=losses.excludes_padding_class(self.config),
-                                          chunk_size=chunk_size)
-        elif loss == "inbatch":
-            u, V = self.forward(batch, batch["target"])
-            mean = losses.inbatch_softmax_ce(u, V, w, targets=batch["target"] if mask_duplicates else None)
-        else:
-            raise ValueError(f"train.loss must be 'full' or 'inbatch', got {loss!r}")
-        share = local_w.clamp(min=1.0) * self.env.world_size / global_w.clamp(min=1.0)
-        return mean * share, (mean.detach() * local_w), local_w
+    def loss(self, batch: Batch | Mapping, kind: str = "full", normaliser: torch.Tensor | None = None,
+             **options) -> Loss:
+        """This rank's share of the loss of one micro-batch (``mmm4rec.losses``): reduced by
+        ``normaliser``, by default the weight sum over all ranks (one scalar all-reduce)
+        divided by the world size, because DeepSpeed averages the ranks' gradients: the
+        average is then the gradient of the global mean over real rows."""
+        batch = Batch.of(batch).to(self.device, non_blocking=True)
+        if normaliser is None:
+            local = batch.weight.float().sum()
+            normaliser = self.env.all_reduce_sum(local.detach().clone()).clamp(min=1.0) / self.env.world_size
+        return losses.next_item_loss(kind, self.forward, batch, self.config, self.num_items, normaliser, **options)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -112,23 +107,24 @@ class DistRecModel:
             self.tables.step()
         self.engine.step()
 
-    def train(self) -> None:
-        self.engine.train()
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
 
     def eval(self) -> None:
         self.engine.eval()
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def user_vectors(self, batch: dict) -> torch.Tensor:
-        seq = SeqInput.from_batch(batch, self.tables.lookup(batch["item_seq"]))
+    def user_vectors(self, batch: Batch | Mapping) -> torch.Tensor:
+        batch = Batch.of(batch).to(self.device, non_blocking=True)
+        seq = SeqInput.from_batch(batch, self.tables.lookup(batch.item_seq))
         return self._dense(seq, None)[0]
 
     @torch.no_grad()
-    def item_vectors(self, chunk_size: int = 65536) -> torch.Tensor:
-        """V for items 0..num_items, [num_items + 1, N], looked up and encoded in chunks
-        (every rank runs the same chunks: the lookups are collective)."""
-        ids = self.all_item_ids()
+    def item_vectors(self, ids: torch.Tensor | None = None, chunk_size: int = 65536) -> torch.Tensor:
+        """V [n, N] of items ``ids`` (all, 0..num_items, when None), looked up and encoded in
+        chunks (every rank must pass the same ids: the lookups are collective)."""
+        ids = self.all_item_ids() if ids is None else ids.to(self.device)
         parts = [self._dense(None, self.tables.lookup(ids[i:i + chunk_size]))[1]
                  for i in range(0, len(ids), chunk_size)]
         return torch.cat(parts)

@@ -122,8 +122,8 @@ def dry_run(cfg: ExperimentConfig, config_file: str | None, world_size: int, out
 
     from data_shards import SequenceLoader, read_manifest
 
+    from .build import load_init_from, plan_steps, preflight
     from .model import build_dense
-    from .setup import check_export_compatible, plan_steps, preflight
     from .tables import pack_specs
 
     if world_size < 1:
@@ -138,7 +138,7 @@ def dry_run(cfg: ExperimentConfig, config_file: str | None, world_size: int, out
     with torch.device("meta"):
         dense, specs = build_dense(model_type, model_cfg)
     if cfg.train.init_from:
-        check_export_compatible(cfg.train.init_from, model_type, dense)
+        load_init_from(cfg.train.init_from, model_type, dense)
     n_dense = sum(p.numel() for p in dense.parameters())
     n_dense_train = sum(p.numel() for p in dense.parameters() if p.requires_grad)
     packed = pack_specs(specs)

@@ -36,7 +36,7 @@ import torch
 
 from mmm4rec.config import ConfigError
 
-from .checkpoint import CheckpointDir, safe_torch_load
+from .checkpoint import CheckpointDir, safe_load
 
 __all__ = ["check_same_model", "check_world_size_change", "consolidate_zero_partitions", "load_dense_resharded",
            "resharded_rank_state"]
@@ -95,9 +95,8 @@ def consolidate_zero_partitions(engine_dir: Path, world_size: int
     where every parameter's fragment lies in it (``param_slice_mappings``); fragments
     are concatenated in rank order.
     """
-    with safe_torch_load():
-        parts = [torch.load(engine_dir / _ZERO_FILE.format(r), map_location="cpu")["optimizer_state_dict"]
-                 for r in range(world_size)]
+    parts = [safe_load(engine_dir / _ZERO_FILE.format(r), map_location="cpu")["optimizer_state_dict"]
+             for r in range(world_size)]
     if any(not isinstance(p["base_optimizer_state"], dict) for p in parts):
         raise ValueError(f"{engine_dir}: elastic ZeRO checkpoints are not supported here")
     groups = len(parts[0]["single_partition_of_fp32_groups"])
@@ -130,9 +129,8 @@ def load_dense_resharded(engine, ck: CheckpointDir) -> None:
 
     old_ws = int(ck.state["world_size"])
     stage = int(engine.zero_optimization_stage())
-    with safe_torch_load():
-        # module weights, LR schedule and DeepSpeed's counters; stage 0 also its whole optimizer
-        path, _ = engine.load_checkpoint(str(ck.path), tag=ck.engine_dir.name, load_optimizer_states=stage == 0)
+    # module weights, LR schedule and DeepSpeed's counters; stage 0 also its whole optimizer
+    path, _ = engine.load_checkpoint(str(ck.path), tag=ck.engine_dir.name, load_optimizer_states=stage == 0)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {ck.engine_dir}")
     if stage == 0:

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from mmm4rec.config import ConfigError, redact_secrets, save_yaml
+from mmm4rec.evaluate import evaluate
 
-from .checkpoint import ENGINE_TAG, CheckpointStore, safe_torch_load, tag_for_step
+from .checkpoint import ENGINE_TAG, CheckpointStore, tag_for_step
 from .config import ExperimentConfig, zero_stage
-from .env import init_distributed, rng_isolated, rng_state, set_rng_state
+from .env import init_distributed, rng_isolated, rng_isolated_batches, rng_state, set_rng_state
 from .errors import NonFiniteGuard, mark_training_loop
-from .evaluation import evaluate
 from .monitor import Monitor
 from .reshard import check_same_model, check_world_size_change, load_dense_resharded, resharded_rank_state
 
@@ -143,8 +143,7 @@ class Trainer:
                 load_dense_resharded(self.model.engine, ck)
                 rank_meta, rank_tensors = resharded_rank_state(ck, env.rank)
             else:
-                with safe_torch_load():
-                    path, _ = self.model.engine.load_checkpoint(str(ck.path), tag=ENGINE_TAG)
+                path, _ = self.model.engine.load_checkpoint(str(ck.path), tag=ENGINE_TAG)
                 if path is None:
                     raise RuntimeError(f"DeepSpeed could not load {ck.engine_dir}")
                 rank_meta, rank_tensors = ck.rank_state(env.rank)
@@ -182,8 +181,9 @@ class Trainer:
     def _evaluate(self, split: str) -> dict:
         e = self.cfg.eval
         t0 = time.time()
-        metrics = evaluate(self.model, self.loaders[split], ks=e.ks, mask_history=e.mask_history,
-                           item_chunk_size=e.item_chunk_size)
+        metrics = evaluate(self.model, rng_isolated_batches(self.loaders[split]), ks=e.ks,
+                           mask_history=e.mask_history, item_chunk_size=e.item_chunk_size,
+                           all_reduce=self.env.all_reduce_sum)
         self.state.eval_seconds += time.time() - t0
         return metrics
 
@@ -223,13 +223,12 @@ class Trainer:
                 for j in range(n_micro):
                     with rng_isolated():
                         batch = next(it)
-                    batch = model.to_device(batch)
                     model.set_accumulation_boundary(j == n_micro - 1)
-                    loss, loss_sum, w = model.train_loss(batch, cfg.train.loss, cfg.train.mask_duplicates,
-                                                         cfg.train.loss_chunk_size)
-                    model.backward(loss)
+                    loss = model.loss(batch, cfg.train.loss, mask_duplicates=cfg.train.mask_duplicates,
+                                      chunk_size=cfg.train.loss_chunk_size)
+                    model.backward(loss.value)
                     model.step()
-                    part = torch.stack([loss_sum.double().cpu(), w.double().cpu()])
+                    part = torch.stack([loss.total.double().cpu(), loss.weight.double().cpu()])
                     if not torch.isfinite(part[0]):
                         bad += 1      # not summed: one NaN would hide every later loss
                         continue
@@ -393,8 +392,8 @@ def _summary(parts, meta: dict, st: TrainerState, store: CheckpointStore, export
 
 def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.PathLike, resume: bool) -> dict:
     """The whole run on this process (all ranks call it). Returns ``metrics.json``'s dict."""
+    from .build import build, check_output_dir, preflight
     from .export import export_checkpoint
-    from .setup import build, check_output_dir, preflight
 
     t_start = time.time()
     output_dir = Path(output_dir).resolve()
@@ -437,7 +436,8 @@ def run(cfg: ExperimentConfig, config_file: str | None, output_dir: str | os.Pat
         tmp = output_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
         os.replace(tmp, output_dir / "metrics.json")
-        shown = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
+        ks = sorted({min(cfg.eval.ks), max(cfg.eval.ks)})      # the smallest and largest cut-off configured
+        shown = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
         if st.best_test:
             monitor.log(f"best epoch {st.best_epoch}: test " + ", ".join(f"{k} {st.best_test[k]:.4f}" for k in shown))
         elif st.best_valid:

@@ -1,20 +1,40 @@
-"""Next-item cross-entropy at the last position (spec section 6).
+"""Next-item cross-entropy at the last position (spec section 6): one dispatch for every
+model (``SeqRecModel.loss`` and ``dist.model.DistRecModel.loss``).
 
 u [b, N] user vectors, V [n, N] item vectors (scores = u @ V.T), weight [b] with 0
 for padding rows (their loss is dropped; an all-padding batch gives 0 with a graph).
+
+A loss kind (:data:`LOSSES`) says which item vectors it scores against
+(:attr:`LossKind.item_ids`) and gives the per-row cross-entropy [b] (:attr:`LossKind.rows`);
+:func:`next_item_loss` encodes, calls it and reduces: ``sum(weight * ce) / normaliser``,
+the normaliser being the weight sum over *all* processes' rows (one process: its own).
+Further kinds (a vocab-parallel full softmax over an item shard, a sampled softmax)
+are further entries of :data:`LOSSES`.
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .contract import Batch, Loss
 
-def _weighted_mean(loss: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    if weight is None:
-        return loss.mean()
-    weight = weight.to(loss.dtype)
-    return (loss * weight).sum() / weight.sum().clamp(min=1.0)
+__all__ = ["LOSSES", "LossKind", "next_item_loss", "full_softmax_ce", "inbatch_softmax_ce",
+           "excludes_padding_class"]
+
+
+def _reduce(rows: torch.Tensor, weight: torch.Tensor | None, normaliser: torch.Tensor | float | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``sum(weight * rows) / normaliser``, weighted sum, weight sum); the normaliser
+    defaults to the weight sum (at least 1)."""
+    weight = torch.ones_like(rows) if weight is None else weight.to(rows.dtype)
+    total, w = (rows * weight).sum(), weight.sum()
+    if normaliser is None:
+        normaliser = w.clamp(min=1.0)
+    return total / normaliser, total, w
 
 
 def excludes_padding_class(config) -> bool:
@@ -24,8 +44,9 @@ def excludes_padding_class(config) -> bool:
     return not (getattr(config, "padding_class", False) or getattr(config, "rank_padding", False))
 
 
-def full_softmax_ce(u, V, target, weight=None, exclude_padding: bool = True, chunk_size: int | None = None):
-    """Softmax over all items (fine-tuning). V holds rows 0..|I|; row 0 is padding.
+def full_softmax_rows(u, V, target, exclude_padding: bool = True, chunk_size: int | None = None) -> torch.Tensor:
+    """Per-row CE [b] of the softmax over all items (fine-tuning). V holds rows 0..|I|;
+    row 0 is padding.
 
     ``chunk_size`` bounds memory for huge catalogs: the log-partition is accumulated
     over item chunks with activation checkpointing, never materialising [b, |I|].
@@ -35,7 +56,7 @@ def full_softmax_ce(u, V, target, weight=None, exclude_padding: bool = True, chu
         if exclude_padding:
             logits = logits.clone()
             logits[:, 0] = float("-inf")
-        return _weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight)
+        return F.cross_entropy(logits, target, reduction="none")
     start = 1 if exclude_padding else 0
     lse_parts = []
     for lo in range(start, V.shape[0], chunk_size):
@@ -43,11 +64,12 @@ def full_softmax_ce(u, V, target, weight=None, exclude_padding: bool = True, chu
         lse_parts.append(checkpoint(lambda a, c: torch.logsumexp(a @ c.T, dim=1), u, chunk, use_reentrant=False))
     lse = torch.logsumexp(torch.stack(lse_parts, dim=1), dim=1)
     pos = (u * V[target]).sum(-1)
-    return _weighted_mean(lse - pos, weight)
+    return lse - pos
 
 
-def inbatch_softmax_ce(u, V_targets, weight=None, targets: torch.Tensor | None = None):
-    """In-batch softmax (pre-training): the other targets of the micro-batch are negatives.
+def inbatch_softmax_rows(u, V_targets, weight=None, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row CE [b] of the in-batch softmax (pre-training): the other targets of the
+    micro-batch are negatives.
 
     V_targets [b, N] = item vectors of the batch's targets. Padding rows (weight 0) are
     neither positives nor negatives. ``targets`` given: duplicates of the positive item
@@ -63,4 +85,53 @@ def inbatch_softmax_ce(u, V_targets, weight=None, targets: torch.Tensor | None =
     ce = F.cross_entropy(logits, labels, reduction="none")
     if weight is not None:
         ce = torch.where(weight > 0, ce, torch.zeros_like(ce))
-    return _weighted_mean(ce, weight)
+    return ce
+
+
+def full_softmax_ce(u, V, target, weight=None, exclude_padding: bool = True, chunk_size: int | None = None,
+                    normaliser=None):
+    """:func:`full_softmax_rows`, weighted and reduced by ``normaliser`` (default: weight sum)."""
+    return _reduce(full_softmax_rows(u, V, target, exclude_padding, chunk_size), weight, normaliser)[0]
+
+
+def inbatch_softmax_ce(u, V_targets, weight=None, targets: torch.Tensor | None = None, normaliser=None):
+    """:func:`inbatch_softmax_rows`, weighted and reduced by ``normaliser`` (default: weight sum)."""
+    return _reduce(inbatch_softmax_rows(u, V_targets, weight, targets), weight, normaliser)[0]
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """``item_ids(batch, num_items)``: the items whose vectors the loss needs (None: all,
+    0..num_items); ``rows(u, V, batch, config, **options)``: per-row CE [b]."""
+
+    item_ids: Callable[[Batch, int], torch.Tensor | None]
+    rows: Callable[..., torch.Tensor]
+
+
+def _full(u, V, batch: Batch, config, chunk_size: int | None = None, **_) -> torch.Tensor:
+    return full_softmax_rows(u, V, batch.target, excludes_padding_class(config), chunk_size)
+
+
+def _inbatch(u, V, batch: Batch, config, mask_duplicates: bool = False, **_) -> torch.Tensor:
+    return inbatch_softmax_rows(u, V, batch.weight, batch.target if mask_duplicates else None)
+
+
+#: loss kind -> :class:`LossKind` (``train.loss`` of the experiment config)
+LOSSES: dict[str, LossKind] = {
+    "full": LossKind(item_ids=lambda batch, num_items: None, rows=_full),
+    "inbatch": LossKind(item_ids=lambda batch, num_items: batch.target, rows=_inbatch),
+}
+
+
+def next_item_loss(kind: str, encode: Callable[[Batch, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+                   batch: Batch | Mapping, config, num_items: int, normaliser: torch.Tensor | float | None = None,
+                   **options) -> Loss:
+    """The loss ``kind`` of ``batch``: ``encode(batch, item_ids) -> (u, V)`` (item_ids None:
+    all items) gives the vectors, ``options`` go to the kind (``chunk_size``,
+    ``mask_duplicates``); reduced by ``normaliser`` (default: this batch's weight sum)."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {kind!r}")
+    spec, batch = LOSSES[kind], Batch.of(batch)
+    u, V = encode(batch, spec.item_ids(batch, num_items))
+    value, total, weight = _reduce(spec.rows(u, V, batch, config, **options), batch.weight, normaliser)
+    return Loss(value, total.detach(), weight.detach())

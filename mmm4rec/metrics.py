@@ -10,7 +10,7 @@ import math
 
 import torch
 
-DEFAULT_KS = (10, 20, 50)
+from .contract import DEFAULT_KS  # noqa: F401  (re-exported)
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:

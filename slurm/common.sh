@@ -221,8 +221,9 @@ mmm4rec_run() {
       local pretrained
       pretrained=$(mmm4rec_abspath "$PRETRAINED")
       if [[ "$pretrained" != *://* ]]; then
-        [[ -f "$pretrained/model.safetensors" && -f "$pretrained/config.json" ]] ||
-          mmm4rec_die "PRETRAINED=$pretrained is not an export (no model.safetensors + config.json there); did the pretraining job finish?"
+        local why   # the export format's own check (mmm4rec/export_format.py)
+        why=$(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m mmm4rec.export_format detect "$pretrained" 2>&1 >/dev/null) ||
+          mmm4rec_die "PRETRAINED=${why:-$pretrained is not an export}; did the pretraining job finish?"
       fi
       cmd+=(--set "train.init_from=$pretrained")
     else

@@ -115,9 +115,9 @@ def test_offload_that_fits_passes_through(tmp_path):
 
 
 def test_deepspeed_itself_checks_the_json_before_any_process(tmp_path):
+    from dist.build import preflight
     from dist.config import finalize_deepspeed_config, load_deepspeed_config
     from dist.env import prepare_process_env
-    from dist.setup import preflight
 
     prepare_process_env()
     js = _write(tmp_path, {"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}})   # a typo

@@ -32,9 +32,9 @@ def _run_once(mode: str, gas: int):
     import torch
 
     from data_shards import SequenceLoader
+    from dist.build import build, preflight
     from dist.config import load_experiment
     from dist.env import init_distributed
-    from dist.setup import build, preflight
 
     cfg = load_experiment(TINY_FT, BASE + [f"tables.optimizer={mode}", f"train.gradient_accumulation_steps={gas}",
                                            f"data.batch_size={K * B // gas}"])
@@ -53,12 +53,12 @@ def _run_once(mode: str, gas: int):
         tot = torch.zeros(2, dtype=torch.float64)
         for j in range(gas):
             lo = j * per + rank * mine
-            mb = model.to_device({k: v[lo:lo + mine] for k, v in batch.items()})
+            mb = batch.rows(slice(lo, lo + mine))
             model.set_accumulation_boundary(j == gas - 1)
-            loss, loss_sum, w = model.train_loss(mb, "full")
-            model.backward(loss)
+            loss = model.loss(mb, "full")
+            model.backward(loss.value)
             model.step()
-            tot += torch.stack([loss_sum.double(), w.double()])
+            tot += torch.stack([loss.total.double(), loss.weight.double()])
         tot = env.all_reduce_sum(tot)
         losses.append(float(tot[0] / tot[1]))
     dense = {k: v.detach().clone() for k, v in model.engine.module.state_dict().items()}
@@ -100,9 +100,9 @@ def _resume_worker(out: str) -> None:
     from safetensors.torch import save_file
 
     from data_shards import SequenceLoader
+    from dist.build import build, preflight
     from dist.config import load_experiment
     from dist.env import init_distributed
-    from dist.setup import build, preflight
     from dist.tables import ShardReader
 
     cfg = load_experiment(TINY_FT, BASE + ["tables.optimizer=dense", "train.optimizer.name=nadam",
@@ -112,8 +112,7 @@ def _resume_worker(out: str) -> None:
 
     def one_step(model, batch):
         model.set_accumulation_boundary(True)
-        loss, _, _ = model.train_loss(model.to_device(batch), "full")
-        model.backward(loss)
+        model.backward(model.loss(batch, "full").value)
         model.step()
 
     def table(model):

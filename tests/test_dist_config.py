@@ -108,8 +108,8 @@ def test_deepspeed_config_is_filled_from_the_experiment():
 
 # ---------------------------------------------------------------------- export/model mismatch
 def test_export_model_mismatch_lists_every_tensor(tmp_path):
+    from dist.build import load_init_from
     from dist.model import build_dense
-    from dist.setup import check_export_compatible
     from mmm4rec.config import from_dict
     from mmm4rec.models import MMM4Rec
 
@@ -120,15 +120,15 @@ def test_export_model_mismatch_lists_every_tensor(tmp_path):
                                          "text_dim": 384, "image_dim": 512})
     dense, _ = build_dense("mmm4rec", big)
     with pytest.raises(ConfigError) as e:
-        check_export_compatible(str(tmp_path / "exp"), "mmm4rec", dense)
+        load_init_from(str(tmp_path / "exp"), "mmm4rec", dense)
     msg = str(e.value)
     assert "incompatible with the model config" in msg
     assert "adapter.text.weight: export (32, 384) vs model (64, 384)" in msg
     assert msg.count("\n") > 10    # every mismatch, not just the first
     with pytest.raises(ConfigError, match="holds a mmm4rec model, the config builds sasrec"):
-        check_export_compatible(str(tmp_path / "exp"), "sasrec", dense)
+        load_init_from(str(tmp_path / "exp"), "sasrec", dense)
     with pytest.raises(ConfigError, match="is not an export"):
-        check_export_compatible(str(tmp_path), "mmm4rec", dense)
+        load_init_from(str(tmp_path), "mmm4rec", dense)
 
 
 # ---------------------------------------------------------------------- CLI contract
@@ -273,16 +273,31 @@ class _Evil:
 
 
 def test_safe_torch_load_refuses_arbitrary_objects(tmp_path):
-    from dist.checkpoint import safe_torch_load
+    """Every way DeepSpeed's *.pt files are read (our own loads, the engine's checkpoint
+    engine, zero_to_fp32) refuses a pickled object, reads tensors, and leaves torch.load
+    untouched for everyone else."""
+    import types
 
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from dist.checkpoint import safe_load, safe_zero_to_fp32, use_safe_checkpoint_engine
+
+    original = torch.load
+    engine = types.SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    use_safe_checkpoint_engine(engine)
     p = tmp_path / "evil.pt"
     torch.save({"x": torch.ones(2), "obj": _Evil()}, p)
-    with safe_torch_load(), pytest.raises(pickle.UnpicklingError):
-        torch.load(p, weights_only=False)        # DeepSpeed's call, forced to weights_only=True
-    torch.save({"x": torch.ones(2)}, p)
-    with safe_torch_load():
-        assert torch.equal(torch.load(p, weights_only=False)["x"], torch.ones(2))
-    assert torch.load is not None and "weights_only" not in repr(torch.load)
+    with safe_zero_to_fp32() as zero_to_fp32:
+        loaders = [safe_load, engine.checkpoint_engine.load,
+                   lambda f, **kw: zero_to_fp32.torch.load(f, weights_only=False, **kw)]   # DeepSpeed's call
+        assert torch.load is original
+        for load in loaders:
+            with pytest.raises(pickle.UnpicklingError):
+                load(p, map_location="cpu")
+        torch.save({"x": torch.ones(2)}, p)
+        for load in loaders:
+            assert torch.equal(load(p, map_location="cpu")["x"], torch.ones(2))
+    assert zero_to_fp32.torch is torch and torch.load is original
 
 
 def test_fsync_tree_tolerates_files_renamed_by_other_ranks(tmp_path, monkeypatch):

@@ -265,6 +265,17 @@ def test_bad_init_from_fails_before_training(runs, tmp_path):
 
 
 # ---------------------------------------------------------------------- bf16 autocast
+def test_run_with_eval_ks_10_only_finishes_and_reports_its_ks(sample_shards, tmp_path):
+    """``eval.ks: [10]``: the run exits 0 after metrics.json (whose metrics are @10 only)
+    and logs the configured cut-offs (it read hr@50 unconditionally and failed rank 0)."""
+    rc, log = launch(tmp_path / "run", TINY_FT, ["eval.ks=[10]", "train.epochs=1", "train.steps_per_epoch=2"],
+                     nproc=1)
+    _ok((rc, log), "eval.ks=[10] run")
+    m = _metrics(tmp_path / "run")
+    assert {k for k in m["test"] if "@" in k} == {"hr@10", "ndcg@10", "mrr@10"}, m["test"]
+    assert f"best epoch 1: test hr@10 {m['test']['hr@10']:.4f}, ndcg@10 {m['test']['ndcg@10']:.4f}" in log, log[-3000:]
+
+
 def _step_losses(run: Path) -> list[float]:
     lines = (run / "logs" / "steps.csv").read_text().splitlines()
     head = lines[0].split(",")
@@ -317,10 +328,10 @@ def _equivalence_worker(out: str) -> None:
     from safetensors.torch import save_file
 
     from data_shards import SequenceLoader
+    from dist.build import build, preflight
     from dist.config import load_experiment
     from dist.env import init_distributed
-    from dist.evaluation import evaluate
-    from dist.setup import build, preflight
+    from mmm4rec.evaluate import evaluate
 
     cfg = load_experiment(TINY_FT, EQ_OVERRIDES)
     ds = preflight(cfg, TINY_FT)
@@ -333,13 +344,12 @@ def _equivalence_worker(out: str) -> None:
     losses = []
     for _, batch in zip(range(EQ_STEPS), loader, strict=False):
         rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
-        mine = model.to_device({k: v[rows] for k, v in batch.items()})
-        loss, loss_sum, w = model.train_loss(mine, "full")
-        model.backward(loss)
+        loss = model.loss(batch.rows(rows), "full")
+        model.backward(loss.value)
         model.step()
-        tot = env.all_reduce_sum(torch.stack([loss_sum.double(), w.double()]))
+        tot = env.all_reduce_sum(torch.stack([loss.total.double(), loss.weight.double()]))
         losses.append(float(tot[0] / tot[1]))
-    metrics = evaluate(model, parts.loaders["valid"], ks=(10, 20, 50))
+    metrics = evaluate(model, parts.loaders["valid"], ks=(10, 20, 50), all_reduce=env.all_reduce_sum)
     dense = {k: v.detach().clone() for k, v in model.engine.module.state_dict().items()}
     table = {}
     if model.tables.has_trainable:

@@ -154,7 +154,7 @@ def test_chunked_ssd_length_not_multiple_of_chunk_in_model():
     m2 = with_features(MMM4Rec(tiny_cfg(max_len=13, chunk_size=4, ssd_form="quadratic")))
     m2.load_state_dict(m1.state_dict())
     batch = random_batch(m1.config)
-    assert torch.allclose(m1.user_vector(batch), m2.user_vector(batch), atol=1e-5)
+    assert torch.allclose(m1.user_vectors(batch), m2.user_vectors(batch), atol=1e-5)
 
 
 # --- padding and the protocol flags -----------------------------------------------------------
@@ -162,14 +162,14 @@ def test_positions_after_last_item_do_not_change_user_vector():
     torch.manual_seed(0)
     model = loud_time(with_features(MMM4Rec(tiny_cfg(num_layers=2))).eval())
     batch = random_batch(model.config, b=6)
-    u = model.user_vector(batch)
+    u = model.user_vectors(batch)
     garbage = {k: v.clone() for k, v in batch.items()}
     L = model.config.max_len
     pad = torch.arange(L)[None] >= batch["item_seq_len"][:, None]
     garbage["item_seq"][pad] = torch.randint(1, 50, (int(pad.sum()),))
     garbage["time_seq"][pad] = torch.rand(int(pad.sum()), dtype=torch.float64) * 1e9
     garbage["target_time"] = batch["target_time"] * 3
-    assert torch.allclose(u, model.user_vector(garbage), atol=1e-6)
+    assert torch.allclose(u, model.user_vectors(garbage), atol=1e-6)
 
 
 def test_time_leak_flag_reproduces_the_release_quirk():
@@ -178,7 +178,7 @@ def test_time_leak_flag_reproduces_the_release_quirk():
     batch = random_batch(model.config, b=6)
     moved = dict(batch, target_time=batch["target_time"] + 7e6)
     short = batch["item_seq_len"] < model.config.max_len
-    diff = (model.user_vector(batch) - model.user_vector(moved)).abs().sum(1)
+    diff = (model.user_vectors(batch) - model.user_vectors(moved)).abs().sum(1)
     assert (diff[short] > 1e-6).all()          # the target's time leaks into short histories
     assert (diff[~short] < 1e-6).all()
 
@@ -301,11 +301,11 @@ def test_sasrec_contract():
     batch = random_batch(tiny_cfg())
     scores = model.full_sort_predict(batch)
     assert scores.shape == (4, 51) and torch.isinf(scores[:, 0]).all()
-    u = model.user_vector(batch)
+    u = model.user_vectors(batch)
     garbage = dict(batch, item_seq=batch["item_seq"].clone())
     pad = torch.arange(12)[None] >= batch["item_seq_len"][:, None]
     garbage["item_seq"][pad] = 7
-    assert torch.allclose(u, model.user_vector(garbage), atol=1e-5)
+    assert torch.allclose(u, model.user_vectors(garbage), atol=1e-5)
     model.train()
     assert torch.isfinite(model.calculate_loss(batch))
 
@@ -333,6 +333,6 @@ def test_kernels_field_scopes_the_backend(monkeypatch):
     original = dispatch._ssd_reference
     monkeypatch.setattr(dispatch, "_ssd_reference", lambda *a: seen.append(dispatch.get_backend()) or original(*a))
     model = with_features(MMM4Rec(tiny_cfg(kernels="reference"))).eval()
-    model.user_vector(random_batch(model.config))
+    model.user_vectors(random_batch(model.config))
     assert seen and set(seen) == {"reference"}
     assert dispatch.get_backend() == "auto"      # restored after the forward

@@ -151,14 +151,14 @@ def test_user_tower_equals_training_model(exported, trained, sample):
     assert min(len(s["history"]) for s in smp) == 1 and max(len(s["history"]) for s in smp) == MAX_LEN
     ret = Retrieval.load(exported)
     u = ret.user_vectors(histories(table, smp))
-    ref = trained.user_vector(collate(smp, MAX_LEN)).detach().numpy()
+    ref = trained.user_vectors(collate(smp, MAX_LEN)).detach().numpy()
     assert np.abs(u - ref).max() <= 1e-5
     # longer than max_len: the last max_len items count, as in training
     seq = max(seqs, key=lambda q: len(q["items"]))
     assert len(seq["items"]) > MAX_LEN + 1
     long = {"items": [str(table.item_ids[i]) for i in seq["items"][:-1]], "times": seq["times"][:-1].tolist()}
     last = list(expand(seq["user"], seq["items"], seq["times"], "test", MAX_LEN))
-    ref = trained.user_vector(collate(last, MAX_LEN)).detach().numpy()
+    ref = trained.user_vectors(collate(last, MAX_LEN)).detach().numpy()
     assert np.abs(ret.user_vectors([long]) - ref).max() <= 1e-5
 
 
@@ -169,7 +169,7 @@ def test_tower_is_self_contained(exported, trained, sample, tmp_path):
     batch = collate(smp, MAX_LEN)
     rows = [trained.tables.tables[n](batch["item_seq"]).detach() for n in ("text", "image", "modality_mask")]
     torch.save({"rows": rows, "batch": {k: batch[k] for k in ("item_seq", "time_seq", "item_seq_len")},
-                "u": trained.user_vector(batch).detach()}, tmp_path / "io.pt")
+                "u": trained.user_vectors(batch).detach()}, tmp_path / "io.pt")
     code = f"""
 import sys, torch
 io = torch.load({str(tmp_path / 'io.pt')!r})

@@ -1,5 +1,5 @@
 """Models behind one contract (see ``base.py``)."""
-from .base import ItemTables, SeqInput, SeqRecModel, TableSpec, read_export
+from .base import ItemTables, SeqInput, SeqRecModel, TableSpec
 from .configs import MMM4RecConfig, SASRecConfig
 from .mmm4rec import MMM4Rec, MMM4RecDense
 from .sasrec import SASRec
@@ -13,5 +13,5 @@ def build_model(model_type: str, config) -> SeqRecModel:
     return MODELS[model_type](config)
 
 
-__all__ = ["ItemTables", "SeqInput", "SeqRecModel", "TableSpec", "read_export", "MMM4RecConfig",
+__all__ = ["ItemTables", "SeqInput", "SeqRecModel", "TableSpec", "MMM4RecConfig",
            "SASRecConfig", "MMM4Rec", "MMM4RecDense", "SASRec", "MODELS", "build_model"]

@@ -13,13 +13,13 @@ A model is two modules:
       u [b, N] user vectors; V [n, N] item vectors with fusion weights and 1/tau
       folded in, so that the scores are u @ V.T.
 
-The model then offers ``calculate_loss``, ``full_sort_predict``, ``user_vector``,
-``item_vectors`` and ``save_pretrained`` / ``from_pretrained``.
+The model implements :class:`mmm4rec.contract.RecModel` (``user_vectors``,
+``item_vectors``, ``loss``) and offers ``full_sort_predict`` and ``save_pretrained`` /
+``from_pretrained`` (the format: :mod:`mmm4rec.export_format`).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .. import losses
 from ..config import ConfigError, from_dict
+from ..contract import Batch, Loss
 
 TableKind = Literal["feature", "trainable"]
 
@@ -55,8 +56,8 @@ class SeqInput:
     target_time: torch.Tensor | None = None  # [b] float64
 
     @classmethod
-    def from_batch(cls, batch: dict, rows: dict[str, torch.Tensor]) -> SeqInput:
-        return cls(rows, batch["item_seq"], batch["time_seq"], batch["item_seq_len"], batch.get("target_time"))
+    def from_batch(cls, batch: Batch, rows: dict[str, torch.Tensor]) -> SeqInput:
+        return cls(rows, batch.item_seq, batch.time_seq, batch.item_seq_len, batch.target_time)
 
 
 class ItemTables(nn.Module):
@@ -145,36 +146,36 @@ class SeqRecModel(nn.Module):
             self.tables.load_features(item_table_features(table, specs,
                                                           image_dim=getattr(self.config, "image_dim", None)))
 
-    # --- the contract ------------------------------------------------------------
-    def user_vector(self, batch: dict) -> torch.Tensor:
-        u, _ = self.dense(seq=SeqInput.from_batch(batch, self.tables(batch["item_seq"])))
+    # --- the contract (mmm4rec.contract.RecModel) --------------------------------
+    def user_vectors(self, batch: Batch | Mapping) -> torch.Tensor:
+        batch = Batch.of(batch)
+        u, _ = self.dense(seq=SeqInput.from_batch(batch, self.tables(batch.item_seq)))
         return u
 
-    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def item_vectors(self, ids: torch.Tensor | None = None, chunk_size: int = 65536) -> torch.Tensor:
         if ids is None:
             ids = torch.arange(self.num_items + 1, device=self.device)
-        _, V = self.dense(items=self.tables(ids))
-        return V
+        return torch.cat([self.dense(items=self.tables(ids[lo:lo + chunk_size]))[1]
+                          for lo in range(0, max(len(ids), 1), chunk_size)])
 
-    def forward(self, batch: dict, item_ids: torch.Tensor | None = None):
+    def forward(self, batch: Batch | Mapping, item_ids: torch.Tensor | None = None):
         """(u [b, N], V [n, N]): users of ``batch`` and items ``item_ids`` (all when None)."""
+        batch = Batch.of(batch)
         if item_ids is None:
-            item_ids = torch.arange(self.num_items + 1, device=batch["item_seq"].device)
-        return self.dense(seq=SeqInput.from_batch(batch, self.tables(batch["item_seq"])),
+            item_ids = torch.arange(self.num_items + 1, device=batch.item_seq.device)
+        return self.dense(seq=SeqInput.from_batch(batch, self.tables(batch.item_seq)),
                           items=self.tables(item_ids))
 
-    def calculate_loss(self, batch: dict, loss: Literal["full", "inbatch"] = "full",
-                       mask_duplicates: bool = False) -> torch.Tensor:
-        """Cross-entropy at the last position: full softmax or in-batch softmax."""
-        if loss == "full":
-            u, V = self(batch)
-            return losses.full_softmax_ce(u, V, batch["target"], batch.get("weight"),
-                                          exclude_padding=losses.excludes_padding_class(self.config))
-        if loss == "inbatch":
-            u, V = self(batch, batch["target"])
-            return losses.inbatch_softmax_ce(u, V, batch.get("weight"),
-                                             targets=batch["target"] if mask_duplicates else None)
-        raise ValueError(f"loss must be 'full' or 'inbatch', got {loss!r}")
+    def loss(self, batch: Batch | Mapping, kind: str = "full", normaliser: torch.Tensor | float | None = None,
+             **options) -> Loss:
+        """Next-item cross-entropy (``mmm4rec.losses.LOSSES``: full or in-batch softmax),
+        reduced by ``normaliser`` (default: this batch's weight sum)."""
+        return losses.next_item_loss(kind, self, batch, self.config, self.num_items, normaliser, **options)
+
+    def calculate_loss(self, batch: Batch | Mapping, loss: str = "full", mask_duplicates: bool = False
+                       ) -> torch.Tensor:
+        """``loss(batch, loss).value``: the scalar to backward (the RecBole-style name)."""
+        return self.loss(batch, loss, mask_duplicates=mask_duplicates).value
 
     @torch.no_grad()
     def full_sort_predict(self, batch: dict) -> torch.Tensor:
@@ -195,20 +196,18 @@ class SeqRecModel(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.dense.state_dict().items()}
 
     def save_pretrained(self, out_dir: str | Path) -> None:
-        from safetensors.torch import save_file
+        from .. import export_format
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(self.transferable_state_dict(), str(out / "model.safetensors"))
-        cfg = dataclasses.asdict(self.config)
-        (out / "config.json").write_text(json.dumps({"model_type": self.model_type, "config": cfg}, indent=2))
+        export_format.write_files(out_dir, self.model_type, self.config, self.transferable_state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> SeqRecModel:
         """Load an export (``model.safetensors`` + ``config.json``); ``overrides`` set config
         fields for the new domain (``num_items``, ``use_id``, dropout ...)."""
+        from .. import export_format
+
         path = Path(path)
-        cfg, state = read_export(path)
+        cfg, state = export_format.read_export(path)
         if cfg["model_type"] != cls.model_type:
             raise ConfigError(f"{path}: export holds a {cfg['model_type']} model, not {cls.model_type}")
         config = from_dict(cls.config_cls, {**cfg["config"], **overrides})
@@ -218,23 +217,8 @@ class SeqRecModel(nn.Module):
 
     def load_transferable(self, state: dict[str, torch.Tensor], source: str = "export") -> None:
         """Load dense weights, failing with the full list of shape/key mismatches."""
-        own = self.dense.state_dict()
-        problems = [f"  {k}: export {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in state.items() if k in own and own[k].shape != v.shape]
-        problems += [f"  {k}: missing in the export" for k in own if k not in state]
-        problems += [f"  {k}: not in the model" for k in state if k not in own]
-        if problems:
-            raise ConfigError(f"{source}: incompatible with the model config:\n" + "\n".join(problems))
+        from .. import export_format
+
+        export_format.check_compatible(self.dense.state_dict(), {k: v.shape for k, v in state.items()}, source)
         self.dense.load_state_dict(state)
 
-
-def read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read ``config.json`` + ``model.safetensors`` (no pickle anywhere)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for f in ("config.json", "model.safetensors"):
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"{path}: not an export (missing {f})")
-    cfg = json.loads((path / "config.json").read_text())
-    return cfg, load_file(str(path / "model.safetensors"))

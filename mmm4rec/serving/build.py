@@ -35,12 +35,12 @@ def _sha256(path: Path) -> str:
 
 def load_model(path: str | os.PathLike, table):
     """(model, source dict) for an export directory or a checkpoint, with ``table``'s features."""
+    from ..export_format import is_export, read_header
     from ..models import MODELS
-    from ..models.base import read_export
 
     p = Path(path)
-    if (p / "model.safetensors").is_file() and (p / "config.json").is_file():
-        head, _ = read_export(p)
+    if is_export(p):
+        head = read_header(p)
         cls = MODELS.get(head.get("model_type"))
         if cls is None:
             raise ConfigError(f"{p}/config.json: unknown model_type {head.get('model_type')!r}")

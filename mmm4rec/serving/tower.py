@@ -6,7 +6,7 @@
   normalisation, fusion weights and 1/temperature folded in), used by ``items add``.
 
 Both wrap the model's own ``dense`` module in eval mode with the PyTorch reference kernels,
-so they compute exactly what ``model.user_vector`` / ``model.item_vectors`` compute.
+so they compute exactly what ``model.user_vectors`` / ``model.item_vectors`` compute.
 """
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ the parts the loop needs. Tests and tools build the same stack through it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
+from mmm4rec import export_format
 from mmm4rec.config import ConfigError
 
 from .config import (
@@ -25,46 +25,15 @@ from .config import (
 )
 
 __all__ = ["preflight", "check_output_dir", "check_data_against_config", "prelaunch_check", "build", "plan_steps",
-           "Parts", "read_export_header", "check_export_compatible", "resolve_data_url"]
+           "Parts", "load_init_from", "resolve_data_url"]
 
 
 # ---------------------------------------------------------------------- init_from
-def read_export_header(path: str) -> dict:
-    """``config.json`` of an export; clear errors for a missing/foreign directory."""
-    p = Path(path)
-    for f in ("config.json", "model.safetensors"):
-        if not (p / f).is_file():
-            raise ConfigError(f"train.init_from: {p} is not an export (missing {f}; an export is "
-                              f"OUTPUT_DIR/export of a run, or the output of 'mmm4rec export')")
-    try:
-        head = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"train.init_from: {p}/config.json is not valid JSON: {e}") from None
-    if not isinstance(head, dict) or "model_type" not in head or "config" not in head:
-        raise ConfigError(f"train.init_from: {p}/config.json has no model_type/config")
-    return head
-
-
-def check_export_compatible(path: str, model_type: str, dense: torch.nn.Module) -> tuple[dict, list[str]]:
+def load_init_from(path: str, model_type: str, dense: torch.nn.Module) -> tuple[dict, list[str]]:
     """Load an export's weights for ``dense``: ``(state, notes)``; raises ConfigError
-    listing every missing, unexpected or differently shaped tensor."""
-    from safetensors import safe_open
-
-    head = read_export_header(path)
-    if head["model_type"] != model_type:
-        raise ConfigError(f"train.init_from: {path} holds a {head['model_type']} model, the config builds "
-                          f"{model_type}")
-    own = dense.state_dict()
-    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as fh:
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        problems = [f"  {k}: export {shapes[k]} vs model {tuple(own[k].shape)}"
-                    for k in shapes if k in own and tuple(own[k].shape) != shapes[k]]
-        problems += [f"  {k}: missing in the export" for k in own if k not in shapes]
-        problems += [f"  {k}: not in the model" for k in shapes if k not in own]
-        if problems:
-            raise ConfigError(f"train.init_from: {path} is incompatible with the model config:\n"
-                              + "\n".join(problems))
-        state = {k: fh.get_tensor(k) for k in shapes}
+    listing every missing, unexpected or differently shaped tensor
+    (``mmm4rec.export_format.load_compatible``). ``notes``: config fields that differ."""
+    head, state = export_format.load_compatible(path, model_type, dense.state_dict(), "train.init_from")
     notes = []
     mine = dataclasses.asdict(dense.cfg) if hasattr(dense, "cfg") and dataclasses.is_dataclass(dense.cfg) else {}
     for k, v in head["config"].items():
@@ -141,7 +110,7 @@ def preflight(cfg: ExperimentConfig, config_file: str | None, world_size: int | 
     if announce and os.environ.get("RANK", "0") == "0" and not os.environ.get("MMM4REC_DS_OVERLAP_SHOWN"):
         report_overlap(path, deepspeed_overlap(ds_json, cfg, world))
     if cfg.train.init_from:
-        read_export_header(cfg.train.init_from)
+        export_format.read_header(cfg.train.init_from, "train.init_from")
     from .trackers import check_trackers
 
     check_trackers(cfg.trackers)
@@ -207,7 +176,7 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
     dense, specs = build_dense(model_type, model_cfg)
     notes: list[str] = []
     if cfg.train.init_from and load_init:
-        state, notes = check_export_compatible(cfg.train.init_from, model_type, dense)
+        state, notes = load_init_from(cfg.train.init_from, model_type, dense)
         dense.load_state_dict(state)
 
     loaders = {
