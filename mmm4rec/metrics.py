@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .contract import DEFAULT_KS  # noqa: F401  (re-exported)
+from .contract import DEFAULT_KS
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:

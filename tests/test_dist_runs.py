@@ -331,6 +331,7 @@ def _equivalence_worker(out: str) -> None:
     from dist.build import build, preflight
     from dist.config import load_experiment
     from dist.env import init_distributed
+    from mmm4rec.contract import RecModel
     from mmm4rec.evaluate import evaluate
 
     cfg = load_experiment(TINY_FT, EQ_OVERRIDES)
@@ -338,6 +339,7 @@ def _equivalence_worker(out: str) -> None:
     env = init_distributed()
     parts = build(cfg, env, ds)
     model = parts.model
+    assert isinstance(model, RecModel)   # the distributed wrapper answers the one model contract
     per_rank = GLOBAL_BATCH // env.world_size
     loader = SequenceLoader(parts.cfg.data, "train", batch_size=GLOBAL_BATCH, rank=0, world_size=1,
                             shuffle=False, num_workers=0)

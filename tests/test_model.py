@@ -336,3 +336,69 @@ def test_kernels_field_scopes_the_backend(monkeypatch):
     model.user_vectors(random_batch(model.config))
     assert seen and set(seen) == {"reference"}
     assert dispatch.get_backend() == "auto"      # restored after the forward
+
+
+def test_models_implement_the_contract_and_the_batch_type():
+    """SeqRecModel answers mmm4rec.contract.RecModel; a dict batch and a Batch give the
+    same vectors; item_vectors of a range / in chunks = the rows of all item vectors."""
+    from mmm4rec.contract import Batch, RecModel
+
+    torch.manual_seed(0)
+    for model in (with_features(MMM4Rec(tiny_cfg())).eval(),
+                  SASRec(SASRecConfig(num_items=50, max_len=12, dropout_prob=0.0, attn_dropout_prob=0.0)).eval()):
+        assert isinstance(model, RecModel)
+        d = random_batch(tiny_cfg())
+        b = Batch.of(d)
+        assert set(b) == set(d) and b.user is None and torch.equal(b["target"], d["target"])
+        assert torch.equal(model.user_vectors(b), model.user_vectors(d))
+        assert torch.equal(model.user_vectors(b.rows(slice(1, 3))), model.user_vectors(d)[1:3])
+        V = model.item_vectors()
+        assert V.shape[0] == 51
+        assert torch.allclose(model.item_vectors(torch.arange(10, 30)), V[10:30], atol=1e-6)
+        assert torch.allclose(model.item_vectors(chunk_size=7), V, atol=1e-6)
+
+
+def test_loss_is_reduced_by_the_normaliser_given():
+    """One loss path: value = sum(weight * CE) / normaliser (default: this batch's weight
+    sum), for both kinds; padding rows (weight 0) count in neither."""
+    torch.manual_seed(0)
+    model = with_features(MMM4Rec(tiny_cfg())).eval()
+    batch = random_batch(model.config, b=6)
+    batch["weight"] = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    for kind in ("full", "inbatch"):
+        own = model.loss(batch, kind)
+        assert float(own.weight) == 4.0
+        assert torch.allclose(own.value, own.total / 4.0)
+        assert torch.allclose(model.calculate_loss(batch, kind), own.value)
+        glob = model.loss(batch, kind, normaliser=torch.tensor(10.0))
+        assert torch.allclose(glob.value, own.total / 10.0) and torch.equal(glob.total, own.total)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        model.loss(batch, "sampled")
+
+
+def test_export_format_detect_entry_point(tmp_path):
+    """``python -m mmm4rec.export_format detect PATH`` (what slurm/common.sh calls)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmm4rec.export_format import is_export, read_header
+
+    MMM4Rec(tiny_cfg()).save_pretrained(tmp_path / "exp")
+    assert is_export(tmp_path / "exp") and read_header(tmp_path / "exp")["model_type"] == "mmm4rec"
+    root = Path(__file__).resolve().parents[1]
+
+    def detect(p):
+        return subprocess.run([sys.executable, "-m", "mmm4rec.export_format", "detect", str(p)], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = detect(tmp_path / "exp")
+    assert ok.returncode == 0 and ok.stdout.strip() == "mmm4rec", ok.stderr
+    (tmp_path / "bad").mkdir()
+    bad = detect(tmp_path / "bad")
+    assert bad.returncode == 1 and bad.stderr.strip().endswith(
+        "is not an export (missing config.json; an export is OUTPUT_DIR/export of a run, or the output of "
+        "'mmm4rec export')"), bad.stderr
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    (tmp_path / "bad" / "model.safetensors").write_text("")
+    assert "has no model_type/config" in detect(tmp_path / "bad").stderr
