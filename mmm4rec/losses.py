@@ -101,10 +101,12 @@ def inbatch_softmax_ce(u, V_targets, weight=None, targets: torch.Tensor | None =
 
 @dataclass(frozen=True)
 class LossKind:
-    """``item_ids(batch, num_items)``: the items whose vectors the loss needs (None: all,
-    0..num_items); ``rows(u, V, batch, config, **options)``: per-row CE [b]."""
+    """``item_ids(batch, num_items, **options)``: the items whose vectors the loss needs
+    (None: all, 0..num_items; e.g. a rank's item shard, or targets + sampled negatives);
+    ``rows(u, V, batch, config, **options)``: per-row CE [b] (may reduce across ranks,
+    e.g. a vocab-parallel log-partition)."""
 
-    item_ids: Callable[[Batch, int], torch.Tensor | None]
+    item_ids: Callable[..., torch.Tensor | None]
     rows: Callable[..., torch.Tensor]
 
 
@@ -118,8 +120,8 @@ def _inbatch(u, V, batch: Batch, config, mask_duplicates: bool = False, **_) -> 
 
 #: loss kind -> :class:`LossKind` (``train.loss`` of the experiment config)
 LOSSES: dict[str, LossKind] = {
-    "full": LossKind(item_ids=lambda batch, num_items: None, rows=_full),
-    "inbatch": LossKind(item_ids=lambda batch, num_items: batch.target, rows=_inbatch),
+    "full": LossKind(item_ids=lambda batch, num_items, **_: None, rows=_full),
+    "inbatch": LossKind(item_ids=lambda batch, num_items, **_: batch.target, rows=_inbatch),
 }
 
 
@@ -132,6 +134,6 @@ def next_item_loss(kind: str, encode: Callable[[Batch, torch.Tensor | None], tup
     if kind not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {kind!r}")
     spec, batch = LOSSES[kind], Batch.of(batch)
-    u, V = encode(batch, spec.item_ids(batch, num_items))
+    u, V = encode(batch, spec.item_ids(batch, num_items, **options))
     value, total, weight = _reduce(spec.rows(u, V, batch, config, **options), batch.weight, normaliser)
     return Loss(value, total.detach(), weight.detach())
