@@ -39,7 +39,7 @@ from data_shards import TextEncoder, collate, import_dataset
 from data_shards.features import DEFAULT_TEXT_ENCODER
 from mmm4rec import MMM4Rec, MMM4RecConfig
 from mmm4rec.paths import text_cache_dir
-from mmm4rec.serving import Retrieval, add_items, export_retrieval
+from dist.serving import Retrieval, add_items, export_retrieval
 
 MAX_LEN = 20
 K = 10

@@ -111,7 +111,7 @@ def ssd_cost(b, L, H, P, G, S, Q, elt):
 def ssd_rows(torch, args, device, dtype, ceilings, mamba):
     from mmm4rec.kernels.ssd_combined import kernel_chunk_size, ssd_chunked_triton
     from mmm4rec.kernels.ssd_ref import ssd_chunked_ref, ssd_quadratic_ref
-    from mmm4rec.kernels.testing import SSDShape, mamba_cpu_shims, ssd_inputs
+    from benchmarks.kernel_checks import SSDShape, mamba_cpu_shims, ssd_inputs
 
     # the interpreter smoke runs mamba's kernels on CPU tensors too (see mamba_cpu_shims)
     shims = mamba_cpu_shims if device == "cpu" else contextlib.nullcontext
@@ -170,7 +170,7 @@ def fourier_cost(rows, L, elt):
 def fourier_rows(torch, args, device, dtype, ceilings):
     from mmm4rec.kernels.fourier_fused import fourier_filter_triton
     from mmm4rec.kernels.fourier_ref import fourier_filter_ref
-    from mmm4rec.kernels.testing import fourier_inputs
+    from benchmarks.kernel_checks import fourier_inputs
 
     rows = []
     for L in [int(v) for v in args.fourier_lengths.split(",")]:
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
 
     device = "cpu" if args.interpret_smoke else "cuda"
     dtype = getattr(torch, DTYPES[args.dtype])
-    from mmm4rec.kernels.testing import load_mamba_chunk_scan_combined
+    from benchmarks.kernel_checks import load_mamba_chunk_scan_combined
 
     mamba, mamba_version = load_mamba_chunk_scan_combined()
     if mamba is None:
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     report(ssd, fourier, ceilings, meta)
     if args.interpret_smoke:
         # the smoke run also checks the numbers the timed code computed
-        from mmm4rec.kernels import testing
+        import benchmarks.kernel_checks as testing
 
         errs = testing.check_ssd(testing.SSDShape(2, 40, 2, 16, 1, 16), 16, 0, "cpu")
         errs_f = testing.check_fourier(2, 2, 20, 0, "cpu")

@@ -36,13 +36,13 @@ sys.path.insert(0, str(REPO))
 
 from data_shards import ensure_sample_shards, expand, iter_sequences, load_item_table
 from mmm4rec import MMM4Rec, MMM4RecConfig
-from mmm4rec.serving import Retrieval, export_retrieval
-from mmm4rec.serving import index as idx
+from dist.serving import Retrieval, export_retrieval
+from dist.serving import index as idx
 
 
 def build_model(table, model_path: str | None):
     if model_path:
-        from mmm4rec.serving.build import load_model
+        from dist.serving.build import load_model
 
         return load_model(model_path, table)[0]
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
-"""Distributed training of MMM4Rec: DeepSpeed ZeRO for the dense weights, torchrec for
-the item tables (docs/training.md, docs/checkpoints.md).
+"""The pipeline around the model library: distributed training of MMM4Rec (DeepSpeed
+ZeRO for the dense weights, torchrec for the item tables; docs/training.md,
+docs/checkpoints.md), serving, the quickstart and the ``mmm4rec`` command.
 
     train.py       the entry point (thin): argument parsing, exit codes
     config.py      the experiment config (typed sections, DeepSpeed JSON checks)
@@ -13,4 +14,7 @@ the item tables (docs/training.md, docs/checkpoints.md).
     export.py      transferable weights of a checkpoint (any ZeRO stage)
     monitor.py     tqdm, TensorBoard, CSV
     cli.py         `mmm4rec train | export | evaluate` (evaluate_cmd.py)
+    main.py        the `mmm4rec` command (`python -m dist`): every package's subcommands
+    quickstart.py  `mmm4rec quickstart`
+    serving/       retrieval exports, items add/remove, recommend (docs/serving.md)
 """

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks.kernel_checks (the kernels' equivalence checks)
+    sys.path.insert(0, str(REPO))
 SAMPLES = REPO / "data" / "samples"
 SHARED_DATA = Path(os.environ.get("MMM4REC_SHARED_DATA", REPO.parent / "shared" / "data"))
 

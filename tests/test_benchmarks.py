@@ -35,7 +35,7 @@ def test_kernels_benchmark_interpreter_smoke():
     out = _run("benchmarks/kernels.py", "--interpret-smoke")
     assert "interpreter smoke: code path OK" in out
     ssd_row = next(line for line in out.splitlines() if line.strip().startswith("40 |"))
-    from mmm4rec.kernels.testing import load_mamba_chunk_scan_combined
+    from benchmarks.kernel_checks import load_mamba_chunk_scan_combined
 
     if load_mamba_chunk_scan_combined()[0] is not None:    # installed by setup.sh --dev
         assert "n/a" not in ssd_row, ssd_row               # the mamba column was timed

@@ -166,12 +166,12 @@ def test_credentials_on_the_command_line_are_redacted():
 
 def test_mmm4rec_train_checks_the_json_before_launching(tmp_path):
     js = _write(tmp_path, {"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}})
-    r = _run("-m", "mmm4rec.cli", "train", "--config", str(TINY_FT), "--nproc", "2", "--output-dir",
+    r = _run("-m", "dist", "train", "--config", str(TINY_FT), "--nproc", "2", "--output-dir",
              str(tmp_path / "o"), "--set", f"train.deepspeed={js}")
     assert r.returncode == 2, r.stderr
     assert "offload_param needs ZeRO stage 3" in r.stderr and "deepspeed" not in r.stderr.split("error:")[0]
     assert not (tmp_path / "o").exists()
-    r = _run("-m", "mmm4rec.cli", "train", "--config", str(TINY_FT), "--nproc", "3", "--print-config",
+    r = _run("-m", "dist", "train", "--config", str(TINY_FT), "--nproc", "3", "--print-config",
              "--set", f"train.deepspeed={USER_JSON}")
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["deepspeed"]["train_batch_size"] == 128 * 3

@@ -154,7 +154,7 @@ def test_train_cli_fails_before_any_process_group_with_exit_2(tmp_path):
 
 
 def test_mmm4rec_cli_registers_the_commands():
-    from mmm4rec.cli import build_parser
+    from dist.main import build_parser
 
     parser = build_parser()
     for cmd in (["train", "--config", "x.yaml", "--nproc", "2"], ["export", "ck", "out"],

@@ -97,7 +97,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(shards, tmp_path):
     assert not out.exists()
 
     # the same through the CLI, planned for 2 processes, no launcher started
-    r2 = subprocess.run([sys.executable, "-m", "mmm4rec.cli", "train", "--config", str(TINY_FT), "--nproc", "2",
+    r2 = subprocess.run([sys.executable, "-m", "dist", "train", "--config", str(TINY_FT), "--nproc", "2",
                          "--dry-run", *sets], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.splitlines()[1:] == text.splitlines()[1:]
@@ -247,7 +247,7 @@ def test_export_bf16_halves_the_weights_and_loads(tracked_run, tmp_path):
     from mmm4rec import MMM4Rec
 
     out = tmp_path / "bf16"
-    r = subprocess.run([sys.executable, "-m", "mmm4rec.cli", "export", str(tracked_run), str(out), "--dtype", "bf16"],
+    r = subprocess.run([sys.executable, "-m", "dist", "export", str(tracked_run), str(out), "--dtype", "bf16"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     fp32 = tracked_run / "export"

@@ -151,7 +151,7 @@ def test_export_then_from_pretrained_gives_identical_scores(runs, tmp_path):
     from data_shards import SequenceLoader, load_item_table
     from dist.checkpoint import CheckpointDir
     from dist.export import model_from_checkpoint
-    from mmm4rec.cli import main as mmm4rec_main
+    from dist.main import main as mmm4rec_main
     from mmm4rec.models import MMM4Rec
 
     for name in ("pretrain", "scratch"):        # ZeRO 2 and ZeRO 3 checkpoints (ZeRO 1: the transfer run's export)

@@ -95,7 +95,7 @@ def aws_env(monkeypatch, tmp_path):
 
 
 def _cli(argv, capsys) -> tuple[int, str]:
-    from mmm4rec.cli import main
+    from dist.main import main
 
     rc = main(argv)
     return rc, capsys.readouterr().err

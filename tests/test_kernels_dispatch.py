@@ -241,7 +241,7 @@ def test_mamba_loader_leaves_a_real_module_for_later_imports():
     next test collected in the same process) raised ValueError. Any order must work."""
     import importlib.util
 
-    from mmm4rec.kernels import testing as kt
+    import benchmarks.kernel_checks as kt
 
     fn, version = kt.load_mamba_chunk_scan_combined()
     if fn is None:

@@ -42,7 +42,7 @@ def test_compiled_suite_in_clean_process():
 
 
 def _kt():
-    from mmm4rec.kernels import testing
+    import benchmarks.kernel_checks as testing
 
     return testing
 

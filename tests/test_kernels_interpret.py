@@ -33,7 +33,7 @@ if not interpreter_active():
                 "in this process; run tests/test_kernels_*.py in their own pytest process "
                 "(scripts/run_tests.sh does)", allow_module_level=True)
 
-from mmm4rec.kernels import testing as kt
+import benchmarks.kernel_checks as kt
 from mmm4rec.kernels.ssd_combined import kernel_chunk_size
 
 TOL = 1e-4

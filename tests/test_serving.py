@@ -1,4 +1,4 @@
-"""Serving (mmm4rec.serving, docs/serving.md) on the bundled Scientific sample (MiniLM text +
+"""Serving (dist.serving, docs/serving.md) on the bundled Scientific sample (MiniLM text +
 CLIP image features): a retrieval export's exact top-K is the trained model's full ranking,
 its user tower is the model's (1e-5) and runs with torch alone, items added after the export
 rank exactly as if they had been in the catalog from the start, the approximate index's
@@ -17,7 +17,7 @@ import torch
 
 from data_shards import collate, ensure_sample_shards, expand, iter_sequences, load_item_table
 from mmm4rec import MMM4Rec, MMM4RecConfig
-from mmm4rec.serving import Retrieval, add_items, export_retrieval, remove_items, update_items
+from dist.serving import Retrieval, add_items, export_retrieval, remove_items, update_items
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 20
@@ -178,7 +178,7 @@ b = io["batch"]
 u = tower(*io["rows"], b["item_seq"], b["time_seq"], b["item_seq_len"])
 assert (u - io["u"]).abs().max() <= 1e-5, (u - io["u"]).abs().max()
 assert not any(m.split('.')[0] in ('mmm4rec', 'deepspeed', 'torchrec') for m in sys.modules), 'project imported'
-from mmm4rec.serving import Retrieval
+from dist.serving import Retrieval
 r = Retrieval.load({str(exported)!r})
 print(r.recommend([{{"items": {histories(table, smp[:1])[0]["items"]!r}}}], k=3))
 bad = [m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'torchrec', 'fbgemm_gpu', 'dist')]
@@ -304,7 +304,7 @@ def test_approximate_index_recall(exported, sample):
 
 def run_cli(*args, env=None, input=None):
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "mmm4rec.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dist", *args], capture_output=True, text=True,
                           cwd=REPO, env=e, timeout=600, input=input)
 
 
@@ -357,7 +357,7 @@ def test_cli_export_add_recommend(trained, sample, tmp_path):
 
 @pytest.mark.parametrize("cmd", [["retrieval", "export"], ["items", "add"], ["items", "remove"], ["recommend"]])
 def test_help(cmd):
-    from mmm4rec.cli import build_parser
+    from dist.main import build_parser
 
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*cmd, "--help"])

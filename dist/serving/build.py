@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from mmm4rec.config import ConfigError
 from . import index as idx
 from .store import FILES, FORMAT, FORMAT_VERSION, Retrieval, library_versions, now
 from .tower import ItemEncoder, UserTower, export_program
@@ -35,8 +35,8 @@ def _sha256(path: Path) -> str:
 
 def load_model(path: str | os.PathLike, table):
     """(model, source dict) for an export directory or a checkpoint, with ``table``'s features."""
-    from ..export_format import is_export, read_header
-    from ..models import MODELS
+    from mmm4rec.export_format import is_export, read_header
+    from mmm4rec.models import MODELS
 
     p = Path(path)
     if is_export(p):

@@ -193,6 +193,6 @@ def register(subparsers) -> None:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m mmm4rec.quickstart")
+    ap = argparse.ArgumentParser(prog="python -m dist.quickstart")
     register(ap.add_subparsers())
     sys.exit(run(ap.parse_args(["quickstart", *sys.argv[1:]])))

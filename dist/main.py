@@ -11,16 +11,16 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "mmm4rec.quickstart",   # quickstart
+    "dist.quickstart",      # quickstart
     "data_shards.cli",      # data build / inspect
     "dist.cli",             # train / evaluate / export
-    "mmm4rec.serving.cli",  # retrieval export / items / recommend
+    "dist.serving.cli",     # retrieval export / items / recommend
     "mmm4rec.envinfo",      # env
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from mmm4rec import __version__
 
     parser = argparse.ArgumentParser(
         prog="mmm4rec",
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # user-facing errors: one clear line, no traceback
-        from .config import ConfigError
+        from mmm4rec.config import ConfigError
 
         if isinstance(e, (ConfigError, FileNotFoundError, ValueError)) and not getattr(args, "traceback", False):
             print(f"mmm4rec {args.command}: error: {e}", file=sys.stderr)

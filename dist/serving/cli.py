@@ -131,7 +131,7 @@ def register(subparsers) -> None:
         description="Top-K recommendations for each history in HISTORIES: JSON lines "
                     "{\"id\": ..., \"items\": [item ids, oldest first], \"times\": [timestamps]} (without times, "
                     "positions stand in). Writes JSON lines {\"id\", \"items\", \"scores\"}. Python: "
-                    "mmm4rec.serving.Retrieval.load(EXPORT).recommend(histories, k).")
+                    "dist.serving.Retrieval.load(EXPORT).recommend(histories, k).")
     p.add_argument("export", metavar="EXPORT", help="retrieval export directory")
     p.add_argument("histories", metavar="HISTORIES", help="JSON lines of histories ('-' for stdin)")
     p.add_argument("-k", type=int, default=10, help="items per history (default 10)")

@@ -24,15 +24,15 @@ from unittest import mock
 
 import torch
 
-from . import fourier_fused, ssd_combined
-from ._common import poison_outputs
-from .fourier_fused import dft_matrices, fourier_filter_triton
-from .fourier_ref import fourier_filter_ref
-from .ssd_chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
-from .ssd_chunk_scan import chunk_scan_bwd, chunk_scan_fwd
-from .ssd_chunk_state import chunk_state_bwd, chunk_state_fwd
-from .ssd_combined import ssd_chunked_triton
-from .ssd_ref import (
+from mmm4rec.kernels import fourier_fused, ssd_combined
+from mmm4rec.kernels._common import poison_outputs
+from mmm4rec.kernels.fourier_fused import dft_matrices, fourier_filter_triton
+from mmm4rec.kernels.fourier_ref import fourier_filter_ref
+from mmm4rec.kernels.ssd_chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
+from mmm4rec.kernels.ssd_chunk_scan import chunk_scan_bwd, chunk_scan_fwd
+from mmm4rec.kernels.ssd_chunk_state import chunk_state_bwd, chunk_state_fwd
+from mmm4rec.kernels.ssd_combined import ssd_chunked_triton
+from mmm4rec.kernels.ssd_ref import (
     _chunk,
     _expand_groups,
     ssd_chunk_cumsum_ref,
@@ -41,7 +41,7 @@ from .ssd_ref import (
     ssd_quadratic_ref,
     ssd_state_passing_ref,
 )
-from .ssd_state_passing import state_passing_bwd, state_passing_fwd
+from mmm4rec.kernels.ssd_state_passing import state_passing_bwd, state_passing_fwd
 
 __all__ = [
     "SSDShape",

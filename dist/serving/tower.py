@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..kernels import use_backend
-from ..models.base import SeqInput
+from mmm4rec.kernels import use_backend
+from mmm4rec.models.base import SeqInput
 
 __all__ = ["ItemEncoder", "UserTower", "export_program", "load_program"]
 

@@ -46,7 +46,7 @@ def index_file(kind: str) -> str:
 def library_versions() -> dict[str, str]:
     import safetensors
 
-    from .. import __version__
+    from mmm4rec import __version__
 
     out = {"mmm4rec": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
            "numpy": np.__version__}
@@ -69,7 +69,7 @@ class Retrieval:
     """A loaded retrieval export: user vectors, top-K, and catalog edits.
 
     ``Retrieval.load(path)``; ``recommend(histories, k)``; ``add_items`` / ``remove_items`` /
-    ``update_items`` (see :mod:`mmm4rec.serving.items`) then ``save(path)``.
+    ``update_items`` (see :mod:`dist.serving.items`) then ``save(path)``.
     """
 
     def __init__(self, manifest: dict, item_ids: list[str], active: np.ndarray, features: dict[str, np.ndarray],

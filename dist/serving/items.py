@@ -68,7 +68,7 @@ def text_encoder_for(retrieval: Retrieval, **kwargs):
     the project's text-vector cache (``mmm4rec.paths.text_cache_dir``) with ``data build``."""
     from data_shards.features import TextEncoder
 
-    from ..paths import text_cache_dir
+    from mmm4rec.paths import text_cache_dir
 
     kwargs.setdefault("cache_dir", text_cache_dir())
     name = retrieval.manifest["catalog"].get("text_encoder") or ""
