@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from data_shards import TextEncoder, collate, import_dataset
 from data_shards.features import DEFAULT_TEXT_ENCODER
+from dist.serving import Retrieval, add_items, export_retrieval
 from mmm4rec import MMM4Rec, MMM4RecConfig
 from mmm4rec.paths import text_cache_dir
-from dist.serving import Retrieval, add_items, export_retrieval
 
 MAX_LEN = 20
 K = 10

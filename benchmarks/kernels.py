@@ -109,9 +109,9 @@ def ssd_cost(b, L, H, P, G, S, Q, elt):
 
 
 def ssd_rows(torch, args, device, dtype, ceilings, mamba):
+    from benchmarks.kernel_checks import SSDShape, mamba_cpu_shims, ssd_inputs
     from mmm4rec.kernels.ssd_combined import kernel_chunk_size, ssd_chunked_triton
     from mmm4rec.kernels.ssd_ref import ssd_chunked_ref, ssd_quadratic_ref
-    from benchmarks.kernel_checks import SSDShape, mamba_cpu_shims, ssd_inputs
 
     # the interpreter smoke runs mamba's kernels on CPU tensors too (see mamba_cpu_shims)
     shims = mamba_cpu_shims if device == "cpu" else contextlib.nullcontext
@@ -168,9 +168,9 @@ def fourier_cost(rows, L, elt):
 
 
 def fourier_rows(torch, args, device, dtype, ceilings):
+    from benchmarks.kernel_checks import fourier_inputs
     from mmm4rec.kernels.fourier_fused import fourier_filter_triton
     from mmm4rec.kernels.fourier_ref import fourier_filter_ref
-    from benchmarks.kernel_checks import fourier_inputs
 
     rows = []
     for L in [int(v) for v in args.fourier_lengths.split(",")]:

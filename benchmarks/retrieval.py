@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_shards import ensure_sample_shards, expand, iter_sequences, load_item_table
-from mmm4rec import MMM4Rec, MMM4RecConfig
 from dist.serving import Retrieval, export_retrieval
 from dist.serving import index as idx
+from mmm4rec import MMM4Rec, MMM4RecConfig
 
 
 def build_model(table, model_path: str | None):

@@ -199,16 +199,15 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import DataError
+    """``python -m data_shards.cli``: the ``mmm4rec data`` commands alone (the error policy
+    of ``mmm4rec.errors``)."""
+    from mmm4rec.errors import add_traceback_flag, run_command
 
     parser = argparse.ArgumentParser(prog="mmm4rec")
     register(parser.add_subparsers(dest="command", required=True))
+    add_traceback_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"mmm4rec {args.command}", lambda: args.func(args), args.traceback)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+from mmm4rec.errors import UserError, one_line
+
 __all__ = ["BadRecord", "BadRecords", "DataError", "ManifestError", "ShardError", "StorageError", "one_line"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """An input file is missing or holds a record that cannot be used.
 
     ``where`` is the file (and record, e.g. ``Scientific.test.inter:17``); ``why`` says
@@ -37,18 +39,6 @@ class StorageError(DataError):
     """The object store cannot be used: endpoint unreachable (at start, or for longer than
     ``retry_seconds`` mid-run), no or wrong credentials, no such bucket. ``where`` is the
     URL, ``why`` the cause (``data_shards.storage``)."""
-
-
-def one_line(error: BaseException) -> str:
-    """The message of a user-facing error on one line. An error raised in a DataLoader
-    worker comes back as ``Caught X in DataLoader worker process N.\nOriginal Traceback
-    ...``: its last line (``pkg.X: message``) is the message."""
-    text = str(error).strip()
-    if "\n" in text and text.startswith("Caught ") and "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        head, sep, rest = last.partition(": ")
-        text = rest if sep and " " not in head else last
-    return text
 
 
 @dataclasses.dataclass(frozen=True)

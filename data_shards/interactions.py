@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from .errors import DataError
 from .items import ItemTable
 
 __all__ = [
@@ -202,7 +203,7 @@ def process(raw: RawInteractions, *, name: str, fmt: str, k_core: int = 5,
     if time is not None:
         time = time[core]
     if len(user) == 0:
-        raise ValueError(f"{name}: no interaction survives the {k_core}-core filter")
+        raise DataError(f"{name}: no interaction survives the {k_core}-core filter")
 
     order = np.lexsort((pos, user)) if time is None else np.lexsort((pos, time, user))
     user, item = user[order], item[order]
@@ -250,17 +251,17 @@ def combine_domains(datasets: Sequence[InteractionData], names: Sequence[str] | 
     agree).
     """
     if not datasets:
-        raise ValueError("combine_domains: no datasets given")
+        raise DataError("combine_domains: no datasets given")
     names = list(names) if names is not None else [d.meta.name for d in datasets]
     if len(names) != len(datasets) or len(set(names)) != len(names):
-        raise ValueError(f"combine_domains: need one distinct name per dataset, got {names}")
+        raise DataError(f"combine_domains: need one distinct name per dataset, got {names}")
     text_dims = {d.items.text_dim for d in datasets}
     if len(text_dims) != 1:
-        raise ValueError("combine_domains: text dims differ: "
+        raise DataError("combine_domains: text dims differ: "
                          + ", ".join(f"{n}={d.items.text_dim}" for n, d in zip(names, datasets)))
     image_dims = {d.items.image_dim for d in datasets if d.items.image is not None}
     if len(image_dims) > 1:
-        raise ValueError("combine_domains: image dims differ: "
+        raise DataError("combine_domains: image dims differ: "
                          + ", ".join(f"{n}={d.items.image_dim}" for n, d in zip(names, datasets)))
     image_dim = image_dims.pop() if image_dims else None
 

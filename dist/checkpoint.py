@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from data_shards.errors import DataError
+
 __all__ = ["CheckpointStore", "CheckpointDir", "safe_load", "use_safe_checkpoint_engine", "safe_zero_to_fp32",
            "tag_for_step", "ENGINE_TAG"]
 
@@ -220,7 +222,7 @@ class CheckpointStore:
         except FileNotFoundError:
             return None
         if not _TAG_RE.match(tag):
-            raise ValueError(f"{self.location}/{LATEST}: does not name a checkpoint ({tag!r})")
+            raise DataError(f"{self.location}/{LATEST}: does not name a checkpoint ({tag!r})")
         return tag
 
     def tags(self) -> list[str]:
@@ -340,11 +342,11 @@ def remote_relpath(root: str, key: str, where: str) -> str:
     """The local relative path of remote ``key`` under ``root``; refuses keys that would
     land outside the staging folder (``..``, absolute, empty or foreign parts)."""
     if not key.startswith(root.rstrip("/") + "/"):
-        raise ValueError(f"{where}: key {key!r} is not under {root!r}; refusing to download it")
+        raise DataError(f"{where}: key {key!r} is not under {root!r}; refusing to download it")
     rel = key[len(root.rstrip("/")) + 1:]
     parts = rel.split("/")
     if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"{where}: key {key!r} has an unsafe path {rel!r} ('..', '.', empty or absolute parts); "
+        raise DataError(f"{where}: key {key!r} has an unsafe path {rel!r} ('..', '.', empty or absolute parts); "
                          f"refusing to download it")
     return rel
 

@@ -5,6 +5,7 @@ DeepSpeed and torchrec are imported inside the commands.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -80,6 +81,33 @@ def launcher_command(nproc: int, train_args: list[str], launcher: str = "deepspe
 
 
 # ------------------------------------------------------------------ commands
+def add_run_arguments(p: argparse.ArgumentParser, traceback_default: object = False) -> None:
+    """The options of a run that ``mmm4rec train`` and ``dist/train.py`` share (the first
+    passes them on to the second)."""
+    from mmm4rec.errors import add_traceback_flag
+
+    p.add_argument("--config", required=True, metavar="PATH",
+                   help="experiment YAML (e.g. configs/tiny_pretrain.yaml)")
+    p.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="run directory: config.yaml, checkpoints/, logs/, tensorboard/, export/, metrics.json "
+                        "(default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, the value parsed as YAML; repeatable "
+                        "(e.g. --set train.epochs=3 --set model.hidden_size=64)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the output directory (start fresh if there "
+                        "is none); without it an output directory that holds checkpoints is refused")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved experiment config and the DeepSpeed config it hands to DeepSpeed "
+                        "for the run's world size (secrets redacted; keys where the DeepSpeed JSON differs are "
+                        "listed) and exit; starts nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config against the shard set's manifest, build the model on the meta device, "
+                        "print parameter counts, item-table rows and bytes per rank and the planned steps for the "
+                        "run's world size, and exit; starts no process group")
+    add_traceback_flag(p, default=traceback_default)
+
+
 def _train(args) -> int:
     train_args = ["--config", args.config]
     if args.output_dir:
@@ -88,6 +116,8 @@ def _train(args) -> int:
         train_args += ["--set", ov]
     if args.resume:
         train_args.append("--resume")
+    if getattr(args, "traceback", False):
+        train_args.append("--traceback")
     nproc = args.nproc or _default_nproc()
     env = launcher_env(nproc)
     if args.print_config or args.dry_run:   # one plain process, no process group: dist/train.py's own
@@ -124,7 +154,7 @@ def port_is_free(port: int) -> bool:
 
 
 def _check_before_launch(args, launcher: str, nproc: int) -> None:
-    """Checked before any process starts (errors: one line, exit 2, through ``mmm4rec.cli``):
+    """Checked before any process starts (errors: one line, exit 2, through ``dist.main``):
     the config and DeepSpeed JSON (the keys where the JSON differs from the experiment
     config are printed; the experiment config wins), the output folder, the shard set's
     manifest against the model config (reaching the storage), the rendezvous port."""
@@ -170,23 +200,12 @@ def register(subparsers) -> None:
                     "--launcher torchrun; one plain process with --nproc 1). On a machine without GPUs it sets "
                     "DS_ACCELERATOR=cpu and splits the cores between processes (OMP_NUM_THREADS). For clusters "
                     "use slurm/pretrain.sh and slurm/finetune.sh.")
-    p.add_argument("--config", required=True, metavar="PATH", help="experiment YAML")
-    p.add_argument("--output-dir", metavar="DIR", help="run directory (default runs/<config name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set train.epochs=3)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    add_run_arguments(p, traceback_default=argparse.SUPPRESS)
     p.add_argument("--nproc", "--num-gpus", type=int, default=None, metavar="N",
                    help="processes (default: the number of GPUs, else 1)")
     p.add_argument("--launcher", choices=("auto", "deepspeed", "torchrun"), default="auto",
                    help="auto: deepspeed for N > 1, a plain process for N = 1")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (launcher default otherwise)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved experiment + DeepSpeed config for N processes (secrets redacted) and "
-                        "exit; launches nothing")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the config against the data's manifest, build the model on the meta device, print "
-                        "parameter counts, table rows/bytes per rank and the planned steps for N processes, and "
-                        "exit; launches nothing")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(

@@ -79,17 +79,16 @@ def port_in_use_message(error: BaseException) -> str | None:
 
 
 def user_facing_error(error: BaseException) -> tuple[int, str] | None:
-    """``(exit status, one line)`` for an error a user can act on, else None (traceback)."""
-    from data_shards import DataError, one_line
-    from mmm4rec.config import ConfigError
+    """``(exit status, one line)`` for an error a user can act on (``mmm4rec.errors``: a
+    user error; and a busy rendezvous port), a non-finite loss (status 1, one line), else
+    None (traceback)."""
+    from mmm4rec.errors import EXIT_USER_ERROR, is_user_error, one_line
 
-    from .export import ExportError
-
-    if isinstance(error, (ConfigError, DataError, ExportError)):
-        return 2, one_line(error)
+    if is_user_error(error):
+        return EXIT_USER_ERROR, one_line(error)
     if isinstance(error, NonFiniteLossError):
         return 1, str(error)
     port = port_in_use_message(error)
     if port is not None:
-        return 2, port
+        return EXIT_USER_ERROR, port
     return None

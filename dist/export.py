@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mmm4rec.errors import UserError
 from mmm4rec.export_format import EXPORT_DTYPES, EXPORT_FILES, is_header, write_files
 
 from .checkpoint import ENGINE_TAG, CheckpointDir, safe_load, safe_zero_to_fp32
@@ -44,7 +45,7 @@ def dense_state_dict(ck: CheckpointDir) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export's output folder cannot be used (``mmm4rec export``: one line, exit 2)."""
 
 

@@ -1,14 +1,18 @@
-"""The one CLI: ``mmm4rec <command> ...``.
+"""The one CLI: ``mmm4rec <command> ...`` (``python -m dist``).
 
 Each package contributes its commands through a ``register(subparsers)`` function
 (kept import-light: heavy imports happen inside the command). ``mmm4rec --help``
-lists them all.
+lists them all. Errors follow the one policy of ``mmm4rec.errors``: a user error prints
+one line and exits 2 (``--traceback``: with its traceback), anything else keeps its
+traceback and exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from mmm4rec.errors import add_traceback_flag, run_command
 
 COMMAND_MODULES = (
     "dist.quickstart",      # quickstart
@@ -32,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    add_traceback_flag(parser)   # before or after any (sub-)command
     return parser
 
 
@@ -41,18 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        rc = args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # user-facing errors: one clear line, no traceback
-        from mmm4rec.config import ConfigError
-
-        if isinstance(e, (ConfigError, FileNotFoundError, ValueError)) and not getattr(args, "traceback", False):
-            print(f"mmm4rec {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
-    return int(rc or 0)
+    return run_command(f"mmm4rec {args.command}", lambda: args.func(args), args.traceback)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ def _run(args) -> int:
     t_start = time.time()
     run_dir = Path(args.run_dir or REPO / "runs" / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(f"--run-dir {run_dir} is not empty; choose a new one")
+        from mmm4rec.config import ConfigError
+
+        raise ConfigError(f"--run-dir {run_dir} is not empty; choose a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     _say(f"run directory: {run_dir}")
 
@@ -191,8 +193,6 @@ def register(subparsers) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
+    from dist.main import main
 
-    ap = argparse.ArgumentParser(prog="python -m dist.quickstart")
-    register(ap.add_subparsers())
-    sys.exit(run(ap.parse_args(["quickstart", *sys.argv[1:]])))
+    sys.exit(main(["quickstart", *sys.argv[1:]]))

@@ -10,7 +10,8 @@ Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the enviro
 (set by deepspeed, torchrun and slurm/common.sh); without them it runs as one process.
 Writes OUTPUT_DIR/{config.yaml, checkpoints/, logs/, tensorboard/, export/, metrics.json}.
 Exit status: 0 on success, 2 on a configuration, data or storage error (one line on
-stderr), 1 on a non-finite loss (one line) or any other failure. See docs/training.md
+stderr; ``--traceback`` adds its traceback), 1 on a non-finite loss (one line) or any
+other failure (traceback). See docs/training.md
 and docs/reliability.md.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 # The launchers run this file as a script, which puts dist/ first on sys.path: its
 # modules (config.py, engine.py, ...) must not shadow top-level packages. Import them
@@ -30,6 +32,8 @@ if _ROOT not in sys.path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dist.cli import add_run_arguments
+
     p = argparse.ArgumentParser(
         prog="dist/train.py",
         description="Train MMM4Rec (or SASRec) with DeepSpeed ZeRO for the dense weights and torchrec "
@@ -39,25 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                "LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment. Exit status: 0 success, 2 "
                "configuration/data/storage error (one line), 1 non-finite loss (one line) or other failure. "
                "Config reference: docs/training.md; faults: docs/reliability.md.")
-    p.add_argument("--config", required=True, metavar="PATH",
-                   help="experiment YAML (e.g. configs/tiny_pretrain.yaml)")
-    p.add_argument("--output-dir", metavar="DIR", default=None,
-                   help="run directory: config.yaml, checkpoints/, logs/, tensorboard/, export/, metrics.json "
-                        "(default: runs/<config name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, the value parsed as YAML; repeatable "
-                        "(e.g. --set train.epochs=3 --set model.hidden_size=64)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in the output directory (start fresh if there "
-                        "is none); without it an output directory that holds checkpoints is refused")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved experiment config and the DeepSpeed config it hands to DeepSpeed "
-                        "(secrets redacted; keys where the DeepSpeed JSON differs are listed) and exit; starts "
-                        "nothing")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the config against the shard set's manifest, build the model on the meta device, "
-                        "print parameter counts, item-table rows and bytes per rank and the planned steps, and "
-                        "exit; starts no process group (world size: WORLD_SIZE, else --world-size)")
+    add_run_arguments(p)
     p.add_argument("--world-size", type=int, default=None, metavar="N",
                    help="world size that --print-config / --dry-run plan for (default: WORLD_SIZE, else 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -94,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         from dist.trainer import run
 
         run(cfg, args.config, output_dir, resume=args.resume)
-    except Exception as e:  # noqa: BLE001 -- user errors: one line (dist/errors.py); others: traceback
+    except Exception as e:  # noqa: BLE001 -- user errors: one line (mmm4rec/errors.py); others: traceback
         handled = user_facing_error(e)
         if handled is None:
             raise
         status, line = handled
         rank = int(os.environ.get("RANK", "0"))
         if should_print(e, rank):
+            if args.traceback:
+                traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
             print(f"dist/train.py: error: {'' if rank == 0 else f'[rank {rank}] '}{line}", file=sys.stderr,
                   flush=True)
         return status

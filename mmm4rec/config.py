@@ -27,6 +27,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 #: a number YAML 1.1 leaves a string (scientific notation without a dot: 5e-4, 1E6)
@@ -43,7 +45,7 @@ REDACTED = "***"
 SECRET_KEYS = frozenset({"key", "secret", "token", "password", "api_key"})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the field (and file)."""
 
 

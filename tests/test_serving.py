@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from data_shards import collate, ensure_sample_shards, expand, iter_sequences, load_item_table
-from mmm4rec import MMM4Rec, MMM4RecConfig
 from dist.serving import Retrieval, add_items, export_retrieval, remove_items, update_items
+from mmm4rec import MMM4Rec, MMM4RecConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 20

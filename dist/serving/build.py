@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmm4rec.config import ConfigError
+
 from . import index as idx
 from .store import FILES, FORMAT, FORMAT_VERSION, Retrieval, library_versions, now
 from .tower import ItemEncoder, UserTower, export_program

@@ -42,7 +42,9 @@ def _items(args) -> int:
         if args.file:
             ids += [ln.strip() for ln in Path(args.file).read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not ids:
-            raise ValueError("items remove: give item ids or --file")
+            from mmm4rec.config import ConfigError
+
+            raise ConfigError("items remove: give item ids or --file")
         n = remove_items(ret, ids)
     else:
         records = read_item_records(args.items)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards.errors import DataError
+
 from .store import Retrieval
 
 __all__ = ["add_items", "read_item_records", "read_json_lines", "remove_items", "text_encoder_for", "update_items"]
@@ -32,7 +34,7 @@ __all__ = ["add_items", "read_item_records", "read_json_lines", "remove_items", 
 
 def read_json_lines(path: str | Path, what: str) -> list[dict]:
     """JSON objects, one a line ('-': stdin), each with ``_where`` = ``file:line``; errors
-    name the file and line (``ValueError``). ``what`` says what an object should be."""
+    name the file and line (``DataError``). ``what`` says what an object should be."""
     import sys
 
     if path != "-" and not Path(path).is_file():
@@ -46,9 +48,9 @@ def read_json_lines(path: str | Path, what: str) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object ({what})")
+                raise DataError(f"{where}: expected a JSON object ({what})")
             rec["_where"] = where
             out.append(rec)
     return out
@@ -59,7 +61,7 @@ def read_item_records(path: str | Path) -> list[dict]:
     out = read_json_lines(path, "an item")
     for rec in out:
         if not isinstance(rec.get("item_id"), (str, int)) or str(rec["item_id"]) == "":
-            raise ValueError(f"{rec['_where']}: field 'item_id' is missing or not a string")
+            raise DataError(f"{rec['_where']}: field 'item_id' is missing or not a string")
     return out
 
 
@@ -67,7 +69,6 @@ def text_encoder_for(retrieval: Retrieval, **kwargs):
     """The catalog's text encoder, when it is one that runs offline from a name; it shares
     the project's text-vector cache (``mmm4rec.paths.text_cache_dir``) with ``data build``."""
     from data_shards.features import TextEncoder
-
     from mmm4rec.paths import text_cache_dir
 
     kwargs.setdefault("cache_dir", text_cache_dir())
@@ -87,11 +88,11 @@ def _vector(rec: dict, field: str, dim: int) -> np.ndarray | None:
     try:
         a = np.asarray(v, dtype=np.float32)
     except (TypeError, ValueError):
-        raise ValueError(f"{rec['_where']}: field {field!r} must be a list of numbers") from None
+        raise DataError(f"{rec['_where']}: field {field!r} must be a list of numbers") from None
     if a.shape != (dim,):
-        raise ValueError(f"{rec['_where']}: field {field!r} has {a.size} values, the catalog's are {dim}-d")
+        raise DataError(f"{rec['_where']}: field {field!r} has {a.size} values, the catalog's are {dim}-d")
     if not np.isfinite(a).all():
-        raise ValueError(f"{rec['_where']}: field {field!r} holds NaN or infinite values")
+        raise DataError(f"{rec['_where']}: field {field!r} holds NaN or infinite values")
     return a
 
 
@@ -101,7 +102,7 @@ def _item_rows(retrieval: Retrieval, records: Sequence[dict], text_encoder=None)
     n = len(records)
     tables = {t["name"]: t for t in retrieval.manifest["tables"]}
     if not {"text", "image", "modality_mask"} <= set(tables):
-        raise ValueError(f"a {retrieval.manifest['model']['model_type']} export scores items by their ID only: "
+        raise DataError(f"a {retrieval.manifest['model']['model_type']} export scores items by their ID only: "
                          "new items need training, not 'items add'")
     out = {name: np.zeros((n, feats[name].shape[1]), np.float32) for name in tables}
     t_dim, i_dim = feats["text"].shape[1], feats["image"].shape[1]
@@ -111,7 +112,7 @@ def _item_rows(retrieval: Retrieval, records: Sequence[dict], text_encoder=None)
         iv = _vector(rec, "image_features", i_dim) if i_dim else None
         if tv is None and rec.get("text") not in (None, ""):
             if not isinstance(rec["text"], str):
-                raise ValueError(f"{rec['_where']}: field 'text' must be a string")
+                raise DataError(f"{rec['_where']}: field 'text' must be a string")
             need_text.append(j)
         elif tv is not None:
             out["text"][j] = tv
@@ -120,17 +121,17 @@ def _item_rows(retrieval: Retrieval, records: Sequence[dict], text_encoder=None)
             out["image"][j] = iv
             out["modality_mask"][j, 1] = 1.0
         if tv is None and iv is None and j not in need_text:
-            raise ValueError(f"{rec['_where']}: item has no content (give 'text', 'text_features' or "
+            raise DataError(f"{rec['_where']}: item has no content (give 'text', 'text_features' or "
                              "'image_features')")
     if need_text:
         enc = text_encoder if text_encoder is not None else text_encoder_for(retrieval)
         if enc is None:
-            raise ValueError(f"{records[need_text[0]]['_where']}: the catalog's text features come from "
+            raise DataError(f"{records[need_text[0]]['_where']}: the catalog's text features come from "
                              f"{retrieval.manifest['catalog'].get('text_encoder')!r}, which cannot run here; "
                              "give 'text_features' instead of 'text'")
         vecs = enc.encode([records[j]["text"] for j in need_text], desc="encoding new item text")
         if vecs.shape[1] != t_dim:
-            raise ValueError(f"text encoder {enc.name} gives {vecs.shape[1]}-d vectors, the catalog's are {t_dim}-d")
+            raise DataError(f"text encoder {enc.name} gives {vecs.shape[1]}-d vectors, the catalog's are {t_dim}-d")
         for j, v in zip(need_text, vecs):
             out["text"][j] = v
             out["modality_mask"][j, 0] = 1.0
@@ -162,7 +163,7 @@ def _check_unique(records: Sequence[dict]) -> None:
     for r in records:
         iid = str(r["item_id"])
         if iid in seen:
-            raise ValueError(f"{r['_where']}: item_id {iid!r} repeats {seen[iid]}")
+            raise DataError(f"{r['_where']}: item_id {iid!r} repeats {seen[iid]}")
         seen[iid] = r["_where"]
 
 
@@ -172,7 +173,7 @@ def add_items(retrieval: Retrieval, records: Sequence[dict], text_encoder=None) 
     _check_unique(records)
     for r in records:
         if str(r["item_id"]) in retrieval.active_row_of:
-            raise ValueError(f"{r['_where']}: item_id {r['item_id']!r} is already in the catalog "
+            raise DataError(f"{r['_where']}: item_id {r['item_id']!r} is already in the catalog "
                              "(use 'mmm4rec items update')")
     if not records:
         return 0
@@ -188,7 +189,7 @@ def remove_items(retrieval: Retrieval, item_ids: Sequence[str]) -> int:
     for iid in item_ids:
         r = retrieval.active_row_of.get(str(iid))
         if r is None:
-            raise ValueError(f"item_id {iid!r} is not in the catalog")
+            raise DataError(f"item_id {iid!r} is not in the catalog")
         rows.append(r)
     retrieval.active[rows] = False
     _log(retrieval, "remove", len(rows))
@@ -204,7 +205,7 @@ def update_items(retrieval: Retrieval, records: Sequence[dict], text_encoder=Non
     for r in records:
         row = retrieval.active_row_of.get(str(r["item_id"]))
         if row is None:
-            raise ValueError(f"{r['_where']}: item_id {r['item_id']!r} is not in the catalog (use 'mmm4rec items add')")
+            raise DataError(f"{r['_where']}: item_id {r['item_id']!r} is not in the catalog (use 'mmm4rec items add')")
         old.append(row)
     if not records:
         return 0

@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards.errors import DataError
+from mmm4rec.config import ConfigError
+
 from . import index as idx
 from .tower import load_program
 
@@ -61,7 +64,7 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
-class HistoryError(ValueError):
+class HistoryError(DataError):
     """A bad history record: the message names the record and the field."""
 
 
@@ -96,9 +99,9 @@ class Retrieval:
                                     "make one with 'mmm4rec retrieval export')")
         manifest = json.loads(mpath.read_text())
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+            raise DataError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{mpath}: format_version {manifest['format_version']} is newer than this "
+            raise DataError(f"{mpath}: format_version {manifest['format_version']} is newer than this "
                              f"mmm4rec reads ({FORMAT_VERSION})")
         for f in [*FILES.values(), *(index_file(k) for k in idx.KINDS)]:
             if not (root / f).is_file():
@@ -198,9 +201,9 @@ class Retrieval:
         """(rows [b, k], scores [b, k]) for user vectors; ``exclude[i]``: serving rows to drop
         for user ``i``. Missing results (catalog smaller than k) are row 0 / -inf."""
         if index not in self.indexes:
-            raise ValueError(f"index must be one of {sorted(self.indexes)}, got {index!r}")
+            raise ConfigError(f"index must be one of {sorted(self.indexes)}, got {index!r}")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}")
         extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
         scores, ids = idx.search(self.indexes[index], users, k + extra, self._removed, nprobe)
         rows = ids + 1   # -1 (no result) -> row 0
