@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import markdown_report
 from data_shards import TextEncoder, collate, import_dataset
 from data_shards.features import DEFAULT_TEXT_ENCODER
 from dist.serving import Retrieval, add_items, export_retrieval
@@ -176,21 +177,16 @@ def main() -> int:
     for g, grp in (("cold", cold), ("warm", warm)):
         rows.append((g, len(grp), "full catalog", metrics(ranks[g]), metrics(pop[g]), random_expected(n_items)))
     rows.append(("cold", len(cold), "held-out items only", metrics(among_new), None, random_expected(len(held))))
-    lines = [f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {args.threads} threads; unisrec_scientific 5-core "
+    intro = [f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {args.threads} threads; unisrec_scientific 5-core "
              f"({len(data.sequences):,} users, {n_items:,} items), {len(held):,} items ({args.holdout:.0%}) held "
              f"out of training and added with items add ({served_before:,} served before); MMM4Rec N={args.hidden}, "
-             f"text only (MiniLM), no ID term, {args.epochs} epochs ({train_s:.0f} s)",
-             "",
-             "| test users | count | ranked among | MMM4Rec HR@10 | NDCG@10 | popularity HR@10 | NDCG@10 "
-             "| random HR@10 | NDCG@10 |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for g, n, among, (h, nd), p, (rh, rn) in rows:
-        ptxt = f"{p[0]:.4f} | {p[1]:.4f}" if p else "n/a | n/a"
-        lines.append(f"| {g} | {n:,} | {among} | {h:.4f} | {nd:.4f} | {ptxt} | {rh:.4f} | {rn:.4f} |")
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+             f"text only (MiniLM), no ID term, {args.epochs} epochs ({train_s:.0f} s)"]
+    header = ["test users", "count", "ranked among", "MMM4Rec HR@10", "NDCG@10", "popularity HR@10", "NDCG@10",
+              "random HR@10", "NDCG@10"]
+    table = [[str(g), f"{n:,}", str(among), f"{h:.4f}", f"{nd:.4f}", *([f"{p[0]:.4f}", f"{p[1]:.4f}"] if p else
+                                                                     ["n/a", "n/a"]), f"{rh:.4f}", f"{rn:.4f}"]
+             for g, n, among, (h, nd), p, (rh, rn) in rows]
+    markdown_report("".join(intro), header, table, args.markdown)
     return 0
 
 

@@ -30,10 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-from s3_server import moto_binary, moto_server
-
 from data_shards import FeatureFile, SequenceLoader, build_shards, import_dataset
+from scripts.s3_server import moto_binary, moto_server
 
 
 def load_data(name: str):

@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import markdown_report
 from data_shards import ensure_sample_shards, expand, iter_sequences, load_item_table
 from dist.serving import Retrieval, export_retrieval
 from dist.serving import index as idx
@@ -152,20 +153,14 @@ def main() -> int:
             ret.indexes[kind] = None
         ret.vectors = None
 
-    lines = [f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+    intro = [f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
              f"faiss {faiss.__version__}; MMM4Rec N={model.config.hidden_size}, batches of {args.batch} queries, "
-             f"top-10; user tower alone: {tower_qps:,.0f} queries/s",
-             "",
-             "| items | tower + exact q/s | tower + approx q/s | approx / exact | exact index alone q/s "
-             "| approx index alone q/s | approx / exact | recall@10 of approx | nlist / nprobe |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for n, qe, qa, ie, ia, rec, nl, npb in rows:
-        lines.append(f"| {n:,} | {qe:,.1f} | {qa:,.1f} | {qa / qe:.2f}x | {ie:,.0f} | {ia:,.0f} | {ia / ie:.1f}x "
-                     f"| {rec:.3f} | {nl} / {npb} |")
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+             f"top-10; user tower alone: {tower_qps:,.0f} queries/s"]
+    header = ["items", "tower + exact q/s", "tower + approx q/s", "approx / exact", "exact index alone q/s",
+              "approx index alone q/s", "approx / exact", "recall@10 of approx", "nlist / nprobe"]
+    table = [[f"{n:,}", f"{qe:,.1f}", f"{qa:,.1f}", f"{qa / qe:.2f}x", f"{ie:,.0f}", f"{ia:,.0f}", f"{ia / ie:.1f}x",
+              f"{rec:.3f}", f"{nl} / {npb}"] for n, qe, qa, ie, ia, rec, nl, npb in rows]
+    markdown_report("".join(intro), header, table, args.markdown)
     return 0
 
 

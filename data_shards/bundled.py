@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmm4rec.paths import text_cache_dir
+from mmm4rec.paths import REPO_ROOT, text_cache_dir
 
 from .errors import DataError, ManifestError
 from .features import DEFAULT_TEXT_ENCODER, FeatureFile, TextEncoder
@@ -23,7 +23,7 @@ from .shards import build_shards, read_manifest
 
 __all__ = ["SAMPLES_DIR", "SAMPLE_DATASETS", "ensure_sample_shards"]
 
-SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
+SAMPLES_DIR = REPO_ROOT / "data" / "samples"
 IMAGE_DIM = 512
 
 #: name -> recipe (format, directory under data/samples, import and shard options).

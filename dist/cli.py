@@ -12,10 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["register", "launcher_command", "launcher_env"]
+__all__ = ["register", "launcher_command", "launcher_env", "free_port", "port_is_free"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = REPO_ROOT / "dist" / "train.py"
+TRAIN_PY = Path(__file__).resolve().parent / "train.py"
 
 
 def _default_nproc() -> int:
@@ -50,6 +49,8 @@ def launcher_env(nproc: int, base: dict | None = None) -> dict:
         env.pop("CUDA_VISIBLE_DEVICES", None)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    from mmm4rec.paths import REPO_ROOT
+
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                                              if p])
     return env
@@ -138,6 +139,15 @@ def _train(args) -> int:
 
 #: the rendezvous port deepspeed and torchrun use when none is given
 DEFAULT_MASTER_PORT = 29500
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a local rendezvous or test server)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:

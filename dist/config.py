@@ -28,22 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_shards import ShardsConfig, StorageConfig
+from data_shards import SAMPLE_DATASETS, ShardsConfig, StorageConfig
 from mmm4rec.config import ConfigError, from_dict, load_yaml, to_dict
 from mmm4rec.contract import DEFAULT_KS
 from mmm4rec.models import MODELS
-from mmm4rec.paths import cache_dir
+from mmm4rec.paths import REPO_ROOT, cache_dir
 
 __all__ = ["ExperimentConfig", "DataSection", "TablesConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
            "EvalConfig", "CheckpointConfig", "TrackersConfig", "WandbConfig", "MlflowConfig", "load_experiment",
            "resolve_model_config", "load_deepspeed_config", "deepspeed_overlap", "finalize_deepspeed_config",
            "REPO_ROOT", "SAMPLE_NAMES"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the bundled DeepSpeed JSONs (package data, so a wheel install has them too; in a checkout
 #: ``configs/deepspeed`` links here)
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "ds_configs"
-SAMPLE_NAMES = ("office", "scientific_mm")
+SAMPLE_NAMES = tuple(SAMPLE_DATASETS)
 #: model fields the data decides (filled from the manifest, checked when given)
 DATA_FIELDS = ("num_items", "max_len", "text_dim", "image_dim")
 METRIC_RE = re.compile(r"^(hr|ndcg|mrr)@(\d+)$")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 from dataclasses import dataclass
 
+from .cli import free_port
 from .config import default_cache_dir
 
 __all__ = ["DistEnv", "prepare_process_env", "init_distributed", "seed_everything", "rng_state", "set_rng_state"]
@@ -23,12 +23,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_process_env() -> None:
@@ -56,7 +50,7 @@ def prepare_process_env() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     if not torch.cuda.is_available():

@@ -23,7 +23,7 @@ def load_plain_model(path: str | Path, cfg, url: str):
     from data_shards import load_item_table, read_manifest
     from mmm4rec.models import MODELS
 
-    from .config import resolve_model_config
+    from .config import DATA_FIELDS, resolve_model_config
     from .export import model_from_checkpoint
 
     storage = cfg.data.storage.to_options()
@@ -33,7 +33,7 @@ def load_plain_model(path: str | Path, cfg, url: str):
         head = read_header(p)
         _, model_cfg = resolve_model_config(cfg, read_manifest(url, storage))
         cls = MODELS[head["model_type"]]
-        data_fields = {k: getattr(model_cfg, k) for k in ("num_items", "max_len", "text_dim", "image_dim")
+        data_fields = {k: getattr(model_cfg, k) for k in DATA_FIELDS
                        if hasattr(model_cfg, k)}
         model = cls.from_pretrained(p, **data_fields)
         model.set_item_table(table)

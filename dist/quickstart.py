@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +25,9 @@ from pathlib import Path
 
 __all__ = ["run", "register"]
 
-REPO = Path(__file__).resolve().parents[1]
+from mmm4rec.paths import REPO_ROOT as REPO
+
 CONFIGS = REPO / "configs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _say(msg: str) -> None:
@@ -42,11 +36,11 @@ def _say(msg: str) -> None:
 
 def _launch(name: str, run_dir: Path, args: list[str], nproc: int, launcher: str) -> Path:
     """Run dist/train.py; show its [mmm4rec] lines, keep the full output in logs/."""
-    from dist.cli import launcher_command, launcher_env
+    from dist.cli import free_port, launcher_command, launcher_env
 
     out = run_dir / name
     cmd = launcher_command(nproc, ["--output-dir", str(out), *args], launcher if nproc > 1 else "none",
-                           master_port=_free_port())
+                           master_port=free_port())
     log_path = run_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _say(f"{name}: {' '.join(os.path.relpath(c) if c.startswith(str(REPO)) else c for c in cmd)}")
@@ -125,12 +119,12 @@ def _run(args) -> int:
     _say(f"run directory: {run_dir}")
 
     # 1. shards on local disk (an s3:// URL works the same way: data.url=s3://bucket/prefix)
-    from data_shards import ensure_sample_shards
+    from data_shards import SAMPLE_DATASETS, ensure_sample_shards
 
     t0 = time.time()
     # MiniLM vectors come from the machine-wide text cache (mmm4rec.paths): encoded once
     shards = {name: ensure_sample_shards(name, run_dir / "shards", progress=False)
-              for name in ("office", "scientific_mm")}
+              for name in SAMPLE_DATASETS}
     _say(f"shards built in {time.time() - t0:.0f}s: {shards['office']}, {shards['scientific_mm']}")
 
     data = lambda name: ["--set", "data.sample=null", "--set", f"data.url={shards[name]}"]  # noqa: E731

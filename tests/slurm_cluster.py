@@ -41,7 +41,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -49,6 +48,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+
+from dist.cli import free_port
 
 __all__ = ["TERMINAL_STATES", "JobResult", "Munge", "NamespaceNetwork", "NodeSpec", "SlurmCluster",
            "find_slurm_binaries", "slurm_cluster", "slurm_two_nodes"]
@@ -74,12 +75,6 @@ def find_slurm_binaries() -> tuple[dict[str, str], list[str]]:
         else:
             missing.append(name)
     return found, missing
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _memory_mb() -> int:
@@ -192,8 +187,8 @@ ClusterName=mmm4rec-test-{os.getpid()}
 # sessions running side by side on one machine.
 FirstJobId={random.randrange(1000, 20000)}
 SlurmctldHost={self.ctld.name}({self.ctld.addr})
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser={user}
 SlurmdUser={user}
 {auth}

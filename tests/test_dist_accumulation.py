@@ -156,16 +156,11 @@ def _compare(a: Path, b: Path, ka: int, kb: int, table_atol: float = 1e-6) -> No
 
 
 def _launch(out: Path, mode: str, nproc: int, gases: str) -> None:
-    import socket
-
-    from dist.cli import launcher_command, launcher_env
+    from dist.cli import free_port, launcher_command, launcher_env
 
     env = launcher_env(nproc)
     env["OMP_NUM_THREADS"] = "1"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, __file__] if nproc == 1 else launcher_command(nproc, [], "deepspeed", port)[:-1] + [
+    cmd = [sys.executable, __file__] if nproc == 1 else launcher_command(nproc, [], "deepspeed", free_port())[:-1] + [
         __file__]
     proc = subprocess.run(cmd + ["--accumulation-worker", str(out), "--mode", mode, "--gases", gases], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)

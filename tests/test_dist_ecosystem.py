@@ -14,7 +14,6 @@ import csv
 import hashlib
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -23,17 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist.cli import free_port
+
 pytestmark = pytest.mark.slow   # subprocesses importing the stack, and one training run (~2 min on 2 busy cores)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FT = REPO / "configs" / "tiny_finetune.yaml"
 USER_JSON = REPO / "tests" / "fixtures" / "deepspeed_user.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +77,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(shards, tmp_path):
     out = tmp_path / "run"
     sets = [a for ov in overrides for a in ("--set", ov)]
     # RANK 0 of a world of 2 whose rank 1 never comes: a process group would block here until the timeout
-    env = _env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = _env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     r = subprocess.run([sys.executable, str(REPO / "dist" / "train.py"), "--config", str(TINY_FT), "--output-dir",
                         str(out), "--dry-run", *sets], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -22,14 +22,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launch import finish, start_training
 from s3_server import s3_server  # noqa: F401  (fixture)
+
+from dist.cli import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PT = str(REPO / "configs" / "tiny_pretrain.yaml")
@@ -42,12 +44,6 @@ pytestmark = pytest.mark.slow
 
 
 # ---------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     from dist.cli import launcher_env
 
@@ -63,23 +59,12 @@ def _sets(overrides) -> list[str]:
 def launch(out: Path, config: str, overrides=(), nproc: int = 2, launcher: str = "deepspeed",
            resume: bool = False, log_name: str = "launch.log", wait: bool = True):
     """Run dist/train.py; returns (returncode, log text) or the Popen when not waiting."""
-    from dist.cli import launcher_command
-
     args = ["--config", config, "--output-dir", str(out), *_sets(overrides)] + (["--resume"] if resume else [])
-    cmd = launcher_command(nproc, args, launcher if nproc > 1 else "none", master_port=_free_port())
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / log_name, "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_training(args, out / log_name, _env(), nproc, launcher, master_port=free_port())
     if not wait:
         return proc
-    try:
-        rc = proc.wait(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = -9
-    log.close()
-    return rc, (out / log_name).read_text()
+    return finish(proc, out / log_name, LAUNCH_TIMEOUT)
 
 
 def _ok(result, what: str) -> None:
@@ -375,7 +360,7 @@ def test_same_global_batch_on_one_and_two_processes(sample_shards, tmp_path):
     results = {}
     for n in (1, 2):
         out = tmp_path / f"eq{n}"
-        cmd = [sys.executable, __file__] if n == 1 else launcher_command(2, [], "deepspeed", _free_port())[:-1] + [
+        cmd = [sys.executable, __file__] if n == 1 else launcher_command(2, [], "deepspeed", free_port())[:-1] + [
             __file__]
         proc = subprocess.run(cmd + ["--equivalence-worker", str(out)], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=LAUNCH_TIMEOUT)

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import finish, start_training
 from s3_server import moto_server_with_auth, require_moto_binary
 from tcp_proxy import TcpProxy
 
@@ -528,28 +528,16 @@ def _run_settings(s3, url, endpoint, ckpt_url) -> list[str]:
 
 
 def train(out: Path, overrides, wait=True, nproc=1, extra=()):
-    from dist.cli import launcher_command
-
     args = ["--config", TINY_PT, "--output-dir", str(out), *[a for o in overrides for a in ("--set", o)]]
-    cmd = [*launcher_command(nproc, args, "none" if nproc == 1 else "deepspeed", *extra)]
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out.parent / f"{out.name}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(nproc), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    log.close()   # the child has its own copy
+    proc = start_training(args, out.parent / f"{out.name}.log", _env(nproc), nproc, "deepspeed", *extra)
     if not wait:
         return proc
     return _finish(proc, out)
 
 
 def _finish(proc, out: Path):
-    try:
-        rc = proc.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = -9
-    return rc, (out.parent / f"{out.name}.log").read_text()
+    return finish(proc, out.parent / f"{out.name}.log", RUN_TIMEOUT)
 
 
 def _weights(run: Path) -> dict:
