@@ -21,6 +21,7 @@ test-fast: setup-dev
 
 lint: setup-dev
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: setup
 	$(PY) benchmarks/train_step.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 __all__ = ["main", "register"]
 
@@ -42,7 +43,7 @@ def _feature_spec(spec: str):
     if spec == "-":
         return None
     path, *opts = spec.split(",")
-    kw = {}
+    kw: dict[str, Any] = {}
     for o in opts:
         k, sep, v = o.partition("=")
         if not sep or k not in ("dim", "ids", "format", "key", "encoder"):

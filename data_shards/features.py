@@ -291,9 +291,9 @@ def join_features(items: ItemTable, modality: Literal["text", "image"], ff: Feat
     out = np.zeros((items.num_items + 1, mat.shape[1]), dtype=np.float32)
     mask = np.zeros(items.num_items + 1, dtype=bool)
     for i in range(1, items.num_items + 1):
-        r = index.get(items.item_ids[i])
-        if r is not None:
-            out[i] = mat[r]
+        row = index.get(items.item_ids[i])
+        if row is not None:
+            out[i] = mat[row]
             mask[i] = True
     enc = ff.encoder or Path(ff.path).name
     if modality == "text":

@@ -403,7 +403,7 @@ def read_lcrec(path: str | Path, name: str | None = None, bad: BadRecords | None
         if as_int(k) is None:
             bad(f"{inter_path}: user {k!r}", "malformed record: user key is not an integer", "malformed row")
     u_col, i_col = [], []
-    kept_users = []
+    kept_users: list = []
     for u in users:
         seq = inter[u]
         where = f"{inter_path}: user {u}"

@@ -71,7 +71,7 @@ class Sequences(collections.abc.Sequence):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, u):  # type: ignore[override]
+    def __getitem__(self, u):
         if isinstance(u, slice):
             return [self[i] for i in range(*u.indices(len(self)))]
         u = int(u)
@@ -269,7 +269,7 @@ def combine_domains(datasets: Sequence[InteractionData], names: Sequence[str] | 
     text, text_mask = [datasets[0].items.text[:1]], [np.zeros(1, dtype=bool)]
     image, image_mask = [], [np.zeros(1, dtype=bool)]
     item_ids, item_text, item_domain = [""], [""], [""]
-    encoders = {"text": set(), "image": set()}
+    encoders: dict[str, set] = {"text": set(), "image": set()}
     item_base = 0
     for name, d in zip(names, datasets):
         s, t = d.sequences, d.items

@@ -140,7 +140,7 @@ def collate_index(items: np.ndarray, times: np.ndarray, offsets: np.ndarray, use
     item_seq[:b] = np.where(valid, items[idx], 0)
     time_seq[:b] = np.where(valid, times[idx], 0.0)
     item_seq[b:, 0] = 1
-    out = {
+    out: dict[str, np.ndarray] = {
         "user": np.full(rows, -1, np.int64),
         "item_seq": item_seq,
         "time_seq": time_seq,

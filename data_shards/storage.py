@@ -57,7 +57,7 @@ def storage_options_for(url: str, options: Mapping[str, Any] | None) -> dict:
 
 
 # ------------------------------------------------------------------------ faults
-def _chain(exc: BaseException):
+def _chain(exc: BaseException | None):
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -285,7 +285,7 @@ class Store:
 
     def path(self, rel: str) -> str:
         self._ensure()
-        return posixpath.join(self._root, rel)
+        return posixpath.join(str(self._root), rel)
 
     def display(self, rel: str) -> str:
         """The member's full URL, for messages."""

@@ -477,11 +477,11 @@ def deepspeed_overlap(ds: dict, cfg: ExperimentConfig, world_size: int | None = 
                      f"over fp32 DeepSpeed state, fp16 is not offered")
     if "optimizer" in ds:
         theirs = _json_optimizer(ds["optimizer"])
-        ours = dataclasses.asdict(t.optimizer)
+        ours_opt = dataclasses.asdict(t.optimizer)
         for k, v in theirs.items():
-            if k == "momentum" and ours["name"] != "sgd":
+            if k == "momentum" and ours_opt["name"] != "sgd":
                 continue
-            differ(f"optimizer.{'type' if k == 'name' else 'params.' + k}", v, ours[k], f"train.optimizer.{k}")
+            differ(f"optimizer.{'type' if k == 'name' else 'params.' + k}", v, ours_opt[k], f"train.optimizer.{k}")
     if "scheduler" in ds:
         sch, params = ds["scheduler"], ds["scheduler"].get("params", {}) or {}
         differ("scheduler.type", sch["type"], t.schedule.decay, "train.schedule.decay")

@@ -12,9 +12,13 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .cli import free_port
 from .config import default_cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DistEnv", "prepare_process_env", "init_distributed", "seed_everything", "rng_state", "set_rng_state"]
 
@@ -66,7 +70,7 @@ class DistEnv:
     rank: int
     world_size: int
     local_rank: int
-    device: torch.device  # noqa: F821
+    device: torch.device
 
     @property
     def is_main(self) -> bool:
@@ -170,9 +174,9 @@ def rng_state() -> tuple[dict, dict]:
     import torch
 
     py = random.getstate()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+            "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)]}
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()

@@ -62,22 +62,22 @@ class _Csv:
 
     def write(self, row: dict) -> None:
         new = not self.path.is_file() or self.fields is None
-        if new:
-            self.fields = list(row)
-        extra = [k for k in row if k not in self.fields]
+        fields = list(row) if new or self.fields is None else self.fields
+        extra = [k for k in row if k not in fields]
         if extra:   # a new column (e.g. first evaluation): rewrite with the wider header
             with open(self.path, newline="") as fh:
                 rows = list(csv.DictReader(fh))
-            self.fields = self.fields + extra
+            fields = fields + extra
             with open(self.path, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=self.fields)
+                w = csv.DictWriter(fh, fieldnames=fields)
                 w.writeheader()
                 w.writerows(rows)
+        self.fields = fields
         with open(self.path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields)
+            w = csv.DictWriter(fh, fieldnames=fields)
             if new:
                 w.writeheader()
-            w.writerow({k: row.get(k, "") for k in self.fields})
+            w.writerow({k: row.get(k, "") for k in fields})
 
 
 class Monitor:

@@ -64,6 +64,7 @@ def _data_url(cfg: ExperimentConfig) -> str:
         return cfg.data.url
     from data_shards import ensure_sample_shards
 
+    assert cfg.data.sample is not None   # DataSection.validate: a url or a sample
     return ensure_sample_shards(cfg.data.sample, cfg.data.resolved_sample_dir(), progress=False)
 
 

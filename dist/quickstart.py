@@ -48,6 +48,7 @@ def _launch(name: str, run_dir: Path, args: list[str], nproc: int, launcher: str
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(nproc), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             for part in line.replace("\r", "\n").split("\n"):   # tqdm redraws with \r

@@ -117,7 +117,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def open_trackers(cfg, output_dir: Path, run_name: str, config: dict, resume: bool) -> list:
     """The enabled trackers (call on rank 0 only). ``config``: the resolved, redacted config."""
     check_trackers(cfg)
-    out = []
+    out: list[WandbTracker | MlflowTracker] = []
     if cfg.wandb.enabled:
         os.environ.setdefault("WANDB_SILENT", "true")
         out.append(WandbTracker(cfg.wandb, output_dir, run_name, config, resume))

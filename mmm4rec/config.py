@@ -87,7 +87,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
@@ -120,7 +120,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, _path: str = "") -> 
     """Build dataclass ``cls`` from ``data``, validating keys, types and invariants."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]  # T: a dataclass
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite (what `make test` and CI call): ruff over the repo
-# ([tool.ruff] in pyproject.toml), then two pytest processes:
+# ([tool.ruff] in pyproject.toml), mypy over the core packages ([tool.mypy]), then two pytest processes:
 #   1. everything but the Triton kernel tests
 #   2. the kernel tests with TRITON_INTERPRET=1 (set before triton is imported)
 # then print one combined closing line. Extra arguments go to both pytest runs.
@@ -19,6 +19,8 @@ ignore=()
 for f in "${kernel_tests[@]}"; do ignore+=(--ignore "$f"); done
 
 if $PY -m ruff check .; then rc0=0; else rc0=1; echo "lint: ruff found problems (ruff check --fix . mends the [*] ones)"; fi
+# types: mypy over the core packages ([tool.mypy] in pyproject.toml: the files and settings)
+if $PY -m mypy; then :; else rc0=1; echo "types: mypy found problems"; fi
 
 $PY -m pytest tests "${ignore[@]}" --junitxml "$OUT/main.xml" "$@"
 rc1=$?

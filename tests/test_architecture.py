@@ -114,3 +114,17 @@ def test_ruff_checks_every_python_file_including_dist():
     assert len(dist_files) >= 15
     missing = sorted(set(tracked) - shown)
     assert not missing, f"ruff does not check: {missing}"
+
+
+def test_the_type_checker_runs_in_the_suite_over_the_core_packages():
+    import tomllib
+
+    script = (REPO / "scripts" / "run_tests.sh").read_text()
+    assert "$PY -m mypy" in script
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())
+    files = conf["tool"]["mypy"]["files"]
+    for core in (*[leaf.replace(".", "/") + ".py" for leaf in LEAF], "data_shards", "mmm4rec/models",
+                 "mmm4rec/losses.py", "mmm4rec/metrics.py", "dist"):
+        assert core in files, core
+    dev = " ".join(conf["project"]["optional-dependencies"]["dev"])
+    assert "mypy==" in dev   # pinned

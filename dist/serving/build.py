@@ -42,7 +42,7 @@ def load_model(path: str | os.PathLike, table):
     p = Path(path)
     if is_export(p):
         head = read_header(p)
-        cls = MODELS.get(head.get("model_type"))
+        cls = MODELS.get(str(head.get("model_type")))
         if cls is None:
             raise ConfigError(f"{p}/config.json: unknown model_type {head.get('model_type')!r}")
         fields = {"num_items": table.num_items}

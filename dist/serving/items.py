@@ -159,7 +159,7 @@ def _log(retrieval: Retrieval, op: str, count: int) -> None:
 
 
 def _check_unique(records: Sequence[dict]) -> None:
-    seen = {}
+    seen: dict[str, str] = {}
     for r in records:
         iid = str(r["item_id"])
         if iid in seen:

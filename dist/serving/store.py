@@ -21,7 +21,7 @@ import datetime
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +197,7 @@ class Retrieval:
 
     # ---------------------------------------------------------------- top-K
     def search_vectors(self, users: np.ndarray, k: int, index: str = "exact", nprobe: int | None = None,
-                       exclude: Sequence[Iterable[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       exclude: Sequence[Collection[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(rows [b, k], scores [b, k]) for user vectors; ``exclude[i]``: serving rows to drop
         for user ``i``. Missing results (catalog smaller than k) are row 0 / -inf."""
         if index not in self.indexes:
