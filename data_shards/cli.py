@@ -203,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m data_shards.cli``: the ``mmm4rec data`` commands alone (the error policy
     of ``mmm4rec.errors``)."""
     from mmm4rec.errors import add_traceback_flag, run_command
+    from mmm4rec.log import setup_logging
 
     parser = argparse.ArgumentParser(prog="mmm4rec")
     register(parser.add_subparsers(dest="command", required=True))
     add_traceback_flag(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     return run_command(f"mmm4rec {args.command}", lambda: args.func(args), args.traceback)
 
 

@@ -19,9 +19,9 @@ configuration errors: a ``StorageError`` naming the URL and the cause, at once.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +30,7 @@ import fsspec
 
 from .errors import ShardError, StorageError
 
+_log = logging.getLogger(__name__)
 __all__ = ["Store", "RetryingFS", "storage_options_for", "storage_fault", "probe_bucket", "make_fs", "open_checked",
            "DEFAULT_RETRY_SECONDS"]
 
@@ -142,7 +143,8 @@ class RetryingFS:
         self.endpoint = endpoint
         self.retry_seconds = float(retry_seconds)
         self.answered = answered
-        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # every rank's own outage is reported (the message carries its "[storage]" tag)
+        self._log = log or (lambda msg: _log.warning(msg, extra={"tag": "", "all_ranks": True}))
 
     def _where(self, path: str | None) -> str:
         where = self.url if not path else f"{self.url.split('://', 1)[0]}://{str(path).lstrip('/')}"

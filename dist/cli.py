@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
+_log = logging.getLogger(__name__)
 __all__ = ["register", "launcher_command", "launcher_env", "free_port", "port_is_free"]
 
 TRAIN_PY = Path(__file__).resolve().parent / "train.py"
@@ -132,7 +134,7 @@ def _train(args) -> int:
     cmd = launcher_command(nproc, train_args, launcher, args.master_port)
     from mmm4rec.config import redact_argv
 
-    print("[mmm4rec] " + " ".join(redact_argv(cmd)), file=sys.stderr, flush=True)
+    _log.info(" ".join(redact_argv(cmd)))
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from mmm4rec.contract import DEFAULT_KS
 from mmm4rec.models import MODELS
 from mmm4rec.paths import REPO_ROOT, cache_dir
 
+_log = logging.getLogger(__name__)
 __all__ = ["ExperimentConfig", "DataSection", "TablesConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
            "EvalConfig", "CheckpointConfig", "TrackersConfig", "WandbConfig", "MlflowConfig", "load_experiment",
            "resolve_model_config", "load_deepspeed_config", "deepspeed_overlap", "finalize_deepspeed_config",
@@ -501,13 +503,10 @@ def deepspeed_overlap(ds: dict, cfg: ExperimentConfig, world_size: int | None = 
 
 
 def report_overlap(path, lines: list[str]) -> None:
-    """Print :func:`deepspeed_overlap`'s lines (stderr), if any."""
+    """Log :func:`deepspeed_overlap`'s lines (a warning), if any."""
     if lines:
-        import sys
-
-        print(f"[mmm4rec] {path}: {len(lines)} DeepSpeed key(s) differ from the experiment config; the experiment "
-              f"config wins (docs/training.md#deepspeed-json):\n" + "\n".join(f"  {x}" for x in lines),
-              file=sys.stderr, flush=True)
+        _log.warning(f"{path}: {len(lines)} DeepSpeed key(s) differ from the experiment config; the experiment "
+                     f"config wins (docs/training.md#deepspeed-json):\n" + "\n".join(f"  {x}" for x in lines))
 
 
 def finalize_deepspeed_config(ds: dict, cfg: ExperimentConfig, world_size: int) -> dict:

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from mmm4rec.errors import add_traceback_flag, run_command
+from mmm4rec.log import setup_logging
 
 COMMAND_MODULES = (
     "dist.quickstart",      # quickstart
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

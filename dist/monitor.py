@@ -16,11 +16,13 @@ one row per step/epoch as if the run had never stopped.
 from __future__ import annotations
 
 import csv
+import logging
 import resource
 import sys
 import time
 from pathlib import Path
 
+_log = logging.getLogger(__name__)
 __all__ = ["Monitor", "memory_scalars"]
 
 _GIB = 1024 ** 3
@@ -115,12 +117,8 @@ class Monitor:
 
     # --- console
     def log(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(f"[mmm4rec] {msg}")
-        else:
-            print(f"[mmm4rec] {msg}", flush=True)
+        if self.enabled:
+            _log.info(msg)   # through tqdm.write (mmm4rec.log): the progress bar stays intact
 
     def start_epoch(self, epoch: int, total: int, initial: int = 0) -> None:
         if not self.enabled:

@@ -17,21 +17,22 @@ shared-memory op and the MiniLM text vectors are built once per machine and cach
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["run", "register"]
-
 from mmm4rec.paths import REPO_ROOT as REPO
 
+__all__ = ["run", "register"]
+_log = logging.getLogger(__name__)
 CONFIGS = REPO / "configs"
 
 
 def _say(msg: str) -> None:
-    print(f"[quickstart] {msg}", flush=True)
+    _log.info(msg, extra={"tag": "quickstart"})
 
 
 def _launch(name: str, run_dir: Path, args: list[str], nproc: int, launcher: str) -> Path:
@@ -52,8 +53,8 @@ def _launch(name: str, run_dir: Path, args: list[str], nproc: int, launcher: str
         for line in proc.stdout:
             log.write(line)
             for part in line.replace("\r", "\n").split("\n"):   # tqdm redraws with \r
-                if "[mmm4rec]" in part:
-                    print("    " + part[part.index("[mmm4rec]"):].strip(), flush=True)
+                if "[mmm4rec]" in part:   # the run's own log lines, indented under its step
+                    _log.info("    " + part[part.index("[mmm4rec]"):].strip(), extra={"tag": ""})
         rc = proc.wait()
     if rc != 0:
         tail = log_path.read_text().splitlines()[-40:]

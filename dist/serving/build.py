@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from . import index as idx
 from .store import FILES, FORMAT, FORMAT_VERSION, Retrieval, library_versions, now
 from .tower import ItemEncoder, UserTower, export_program
 
+_log = logging.getLogger(__name__)
 __all__ = ["export_retrieval", "load_model", "export_from_paths"]
 
 
@@ -117,7 +119,7 @@ def export_retrieval(model, item_table, out: str | os.PathLike, *, rows: np.ndar
         indexes = {}
         for kind in idx.KINDS:
             if progress:
-                print(f"[retrieval] building the {kind} index over {len(ids):,} items", flush=True)
+                _log.info(f"building the {kind} index over {len(ids):,} items", extra={"tag": "retrieval"})
             indexes[kind] = idx.build_index(kind, vectors[1:], nlist=nlist)
         ivf = indexes["approx"]
         cfg = model.config
