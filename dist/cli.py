@@ -6,6 +6,7 @@ DeepSpeed and torchrec are imported inside the commands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
-__all__ = ["register", "launcher_command", "launcher_env", "free_port", "port_is_free"]
+__all__ = ["register", "launcher_command", "launcher_env", "free_port", "port_is_free", "command", "arg"]
 
 TRAIN_PY = Path(__file__).resolve().parent / "train.py"
 
@@ -84,6 +85,26 @@ def launcher_command(nproc: int, train_args: list[str], launcher: str = "deepspe
 
 
 # ------------------------------------------------------------------ commands
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """One ``add_argument`` call, written down: ``arg("--k", type=int, help=...)``."""
+    flags: tuple[str, ...]
+    options: dict
+
+
+def arg(*flags: str, **options) -> Arg:
+    return Arg(flags, options)
+
+
+def command(subparsers, name: str, func, *, arguments: list[Arg] = (), **parser_options) -> argparse.ArgumentParser:
+    """A sub-command of the ``mmm4rec`` CLI: its parser, its arguments and the function that runs it."""
+    p = subparsers.add_parser(name, **parser_options)
+    for a in arguments:
+        p.add_argument(*a.flags, **a.options)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_run_arguments(p: argparse.ArgumentParser, traceback_default: object = False) -> None:
     """The options of a run that ``mmm4rec train`` and ``dist/train.py`` share (the first
     passes them on to the second)."""
@@ -220,35 +241,39 @@ def register(subparsers) -> None:
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (launcher default otherwise)")
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser(
-        "export", help="write a checkpoint's transferable weights (safetensors + config.json)",
+    command(
+        subparsers, "export", _export,
+        help="write a checkpoint's transferable weights (safetensors + config.json)",
         description="Export the dense (transferable) weights of a dist/train.py checkpoint -- adapters and blocks, "
                     "not the item feature tables nor the ID term -- as model.safetensors + config.json, the format of "
                     "SeqRecModel.save_pretrained, loadable with MMM4Rec.from_pretrained(OUT), and a model card "
                     "README.md (config, data manifest sha256, feature encoders, the run's metrics). Works for every "
-                    "ZeRO stage (ZeRO-3 partitions are consolidated with DeepSpeed's fp32 utilities).")
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N), or a run's OUTPUT_DIR or "
-                        "checkpoints directory (its best checkpoint)")
-    p.add_argument("out", metavar="OUT", help="output directory: new, empty or an earlier export (replaced "
-                                             "atomically); a folder with anything else is refused, never deleted")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="how the weights are stored (bf16 halves the file; from_pretrained casts back to the "
-                        "model's dtype)")
-    p.set_defaults(func=_export)
+                    "ZeRO stage (ZeRO-3 partitions are consolidated with DeepSpeed's fp32 utilities).",
+        arguments=[
+            arg("checkpoint", metavar="CHECKPOINT",
+                help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N), or a run's OUTPUT_DIR or "
+                     "checkpoints directory (its best checkpoint)"),
+            arg("out", metavar="OUT", help="output directory: new, empty or an earlier export (replaced "
+                                          "atomically); a folder with anything else is refused, never deleted"),
+            arg("--dtype", choices=("fp32", "bf16"), default="fp32",
+                help="how the weights are stored (bf16 halves the file; from_pretrained casts back to the "
+                     "model's dtype)"),
+        ])
 
-    p = subparsers.add_parser(
-        "evaluate", help="full-ranking HR/NDCG/MRR@K of a checkpoint or an export on a split",
+    command(
+        subparsers, "evaluate", _evaluate,
+        help="full-ranking HR/NDCG/MRR@K of a checkpoint or an export on a split",
         description="Evaluate a checkpoint (dense weights + trainable item tables) or an export (dense weights; the "
                     "item features come from the data, an ID term starts at zero) on the valid or test split of the "
-                    "experiment's data, ranking every user's target against all items, in one process.")
-    p.add_argument("path", metavar="CHECKPOINT|EXPORT",
-                   help="checkpoint directory, run OUTPUT_DIR (its best checkpoint), or export directory")
-    p.add_argument("--config", metavar="PATH", default=None,
-                   help="experiment YAML naming the data and eval settings (default for a checkpoint: its own "
-                        "config.yaml; required for an export)")
-    p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set data.url=s3://bucket/other)")
-    p.add_argument("--output", metavar="FILE", help="also write the metrics JSON here")
-    p.set_defaults(func=_evaluate)
+                    "experiment's data, ranking every user's target against all items, in one process.",
+        arguments=[
+            arg("path", metavar="CHECKPOINT|EXPORT",
+                help="checkpoint directory, run OUTPUT_DIR (its best checkpoint), or export directory"),
+            arg("--config", metavar="PATH", default=None,
+                help="experiment YAML naming the data and eval settings (default for a checkpoint: its own "
+                     "config.yaml; required for an export)"),
+            arg("--split", choices=("valid", "test"), default="test"),
+            arg("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                help="config override, repeatable (e.g. --set data.url=s3://bucket/other)"),
+            arg("--output", metavar="FILE", help="also write the metrics JSON here"),
+        ])

@@ -173,19 +173,23 @@ def _run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quickstart", help="pretrain -> export -> fine-tune on bundled real data (2 processes, CPU is enough)",
+    from dist.cli import arg, command
+
+    command(
+        subparsers, "quickstart", run,
+        help="pretrain -> export -> fine-tune on bundled real data (2 processes, CPU is enough)",
         description="Build shards of the bundled samples on local disk, pretrain MMM4Rec on 'office' with 2 "
                     "processes through the deepspeed launcher (ZeRO-2 + torchrec), export, fine-tune on "
                     "'scientific_mm' from the export and from scratch, print the test metrics and save the "
-                    "validation curves. About 3-4 minutes on 2 CPU cores, one-time builds included.")
-    p.add_argument("--run-dir", default=None, help="output directory (default runs/quickstart-<time>; must be new)")
-    p.add_argument("--nproc", type=int, default=2, help="processes per run")
-    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="override configs/quickstart_pretrain.yaml")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="override configs/quickstart_finetune.yaml")
-    p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch comparison run")
-    p.set_defaults(func=run)
+                    "validation curves. About 3-4 minutes on 2 CPU cores, one-time builds included.",
+        arguments=[
+            arg("--run-dir", default=None, help="output directory (default runs/quickstart-<time>; must be new)"),
+            arg("--nproc", type=int, default=2, help="processes per run"),
+            arg("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed"),
+            arg("--pretrain-epochs", type=int, default=None, help="override configs/quickstart_pretrain.yaml"),
+            arg("--finetune-epochs", type=int, default=None, help="override configs/quickstart_finetune.yaml"),
+            arg("--no-scratch", action="store_true", help="skip the from-scratch comparison run"),
+        ])
 
 
 if __name__ == "__main__":

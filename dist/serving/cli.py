@@ -84,27 +84,31 @@ def _recommend(args) -> int:
 
 
 def register(subparsers) -> None:
+    from dist.cli import arg, command
+
     p = subparsers.add_parser(
         "retrieval", help="serving artefacts: export item vectors, FAISS indexes and a self-contained user tower",
         description="Retrieval exports for serving (docs/serving.md).")
     sub = p.add_subparsers(dest="retrieval_command", metavar="COMMAND", required=True)
-    e = sub.add_parser(
-        "export", help="item vectors + FAISS indexes + user tower of a model over a shard set's catalog",
+    command(
+        sub, "export", _retrieval_export,
+        help="item vectors + FAISS indexes + user tower of a model over a shard set's catalog",
         description="Encode every item of a shard set's catalog with a trained model (fusion weights and 1/temperature "
                     "folded in, so score = user vector . item vector) and write: item_vectors.safetensors (fp32 and "
                     "fp16), item_features.safetensors (the rows the user tower gathers for histories), an exact "
                     "(IndexFlatIP) and an approximate (IVF) FAISS index, the user tower and the item encoder as "
                     "torch.export programs that run with torch alone (no DeepSpeed/torchrec), and manifest.json "
-                    "naming the model, the catalog and the library versions. OUT is replaced atomically.")
-    e.add_argument("model", metavar="MODEL",
-                   help="export directory (model.safetensors + config.json), checkpoint directory, or a run's "
-                        "OUTPUT_DIR (its best checkpoint)")
-    e.add_argument("--data", required=True, metavar="URL", help="shard set (local path or s3://) whose items to serve")
-    e.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    e.add_argument("--nlist", type=int, default=None, metavar="N",
-                   help="IVF cells of the approximate index (default about sqrt(items))")
-    e.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    e.set_defaults(func=_retrieval_export)
+                    "naming the model, the catalog and the library versions. OUT is replaced atomically.",
+        arguments=[
+            arg("model", metavar="MODEL",
+                help="export directory (model.safetensors + config.json), checkpoint directory, or a run's "
+                     "OUTPUT_DIR (its best checkpoint)"),
+            arg("--data", required=True, metavar="URL", help="shard set (local path or s3://) whose items to serve"),
+            arg("--out", required=True, metavar="DIR", help="output directory"),
+            arg("--nlist", type=int, default=None, metavar="N",
+                help="IVF cells of the approximate index (default about sqrt(items))"),
+            arg("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+        ])
 
     p = subparsers.add_parser(
         "items", help="add, update or remove items of a retrieval export (no training)",
@@ -116,32 +120,36 @@ def register(subparsers) -> None:
                     "with; with it, new items have a zero ID term.")
     sub = p.add_subparsers(dest="items_command", metavar="COMMAND", required=True)
     for name, what in (("add", "append new items"), ("update", "re-encode existing items from new content")):
-        a = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]} of a retrieval export.")
-        a.add_argument("export", metavar="EXPORT", help="retrieval export directory")
-        a.add_argument("items", metavar="ITEMS", help="JSON lines of items")
-        a.set_defaults(func=_items)
-    r = sub.add_parser("remove", help="take items out of the candidates",
-                       description="Remove items from the candidates of a retrieval export; histories may still "
-                                   "name them (their features stay for the user tower).")
-    r.add_argument("export", metavar="EXPORT", help="retrieval export directory")
-    r.add_argument("item_ids", nargs="*", metavar="ITEM_ID", help="original item ids")
-    r.add_argument("--file", metavar="PATH", help="file of item ids, one per line")
-    r.set_defaults(func=_items)
+        command(sub, name, _items, help=what, description=f"{what[0].upper()}{what[1:]} of a retrieval export.",
+                arguments=[arg("export", metavar="EXPORT", help="retrieval export directory"),
+                           arg("items", metavar="ITEMS", help="JSON lines of items")])
+    command(
+        sub, "remove", _items,
+        help="take items out of the candidates",
+        description="Remove items from the candidates of a retrieval export; histories may still "
+                    "name them (their features stay for the user tower).",
+        arguments=[
+            arg("export", metavar="EXPORT", help="retrieval export directory"),
+            arg("item_ids", nargs="*", metavar="ITEM_ID", help="original item ids"),
+            arg("--file", metavar="PATH", help="file of item ids, one per line"),
+        ])
 
-    p = subparsers.add_parser(
-        "recommend", help="top-K items for histories (JSON lines) from a retrieval export",
+    command(
+        subparsers, "recommend", _recommend,
+        help="top-K items for histories (JSON lines) from a retrieval export",
         description="Top-K recommendations for each history in HISTORIES: JSON lines "
                     "{\"id\": ..., \"items\": [item ids, oldest first], \"times\": [timestamps]} (without times, "
                     "positions stand in). Writes JSON lines {\"id\", \"items\", \"scores\"}. Python: "
-                    "dist.serving.Retrieval.load(EXPORT).recommend(histories, k).")
-    p.add_argument("export", metavar="EXPORT", help="retrieval export directory")
-    p.add_argument("histories", metavar="HISTORIES", help="JSON lines of histories ('-' for stdin)")
-    p.add_argument("-k", type=int, default=10, help="items per history (default 10)")
-    p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history itself")
-    p.add_argument("--index", choices=("exact", "approx"), default="exact",
-                   help="exact inner product (default) or the approximate IVF index")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query (approx; default: "
-                                                            "the export's)")
-    p.add_argument("--batch-size", type=int, default=256, help="histories per user-tower call")
-    p.add_argument("--output", metavar="PATH", help="write here instead of stdout")
-    p.set_defaults(func=_recommend)
+                    "dist.serving.Retrieval.load(EXPORT).recommend(histories, k).",
+        arguments=[
+            arg("export", metavar="EXPORT", help="retrieval export directory"),
+            arg("histories", metavar="HISTORIES", help="JSON lines of histories ('-' for stdin)"),
+            arg("-k", type=int, default=10, help="items per history (default 10)"),
+            arg("--exclude-history", action="store_true", help="never recommend an item of the history itself"),
+            arg("--index", choices=("exact", "approx"), default="exact",
+                help="exact inner product (default) or the approximate IVF index"),
+            arg("--nprobe", type=int, default=None, help="IVF cells scanned per query (approx; default: "
+                                                         "the export's)"),
+            arg("--batch-size", type=int, default=256, help="histories per user-tower call"),
+            arg("--output", metavar="PATH", help="write here instead of stdout"),
+        ])
