@@ -41,7 +41,15 @@ TINY_FINETUNE = "configs/tiny_finetune.yaml"
 JOB_TIMEOUT = 240.0  # seconds to wait for one training job (each should take well under 2 min)
 SHORT = "--set train.epochs=1 --set train.steps_per_epoch=4"  # a shorter run of the tiny configs
 
-cluster_test = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def cluster_test(timeout: float | None = None):
+    """A test that submits jobs to a real cluster: marked slurm and slow (and a timeout)."""
+    def mark(fn):
+        for m in (pytest.mark.slurm, pytest.mark.slow, *([pytest.mark.timeout(timeout)] if timeout else [])):
+            fn = m(fn)
+        return fn
+    return mark
 
 
 def _python() -> str:
@@ -187,6 +195,40 @@ def _assert_completed(res, what: str) -> None:
         f"--- log {res.stdout_path} ---\n{res.log()[-6000:]}")
 
 
+def _run_job(cluster: SlurmCluster, tmp_path: Path, script: str, args=(), opts=None, timeout: float = JOB_TIMEOUT,
+             **variables: str):
+    """``sbatch slurm/SCRIPT ARGS`` (2 CPU tasks on one node unless ``opts``) with the test job
+    variables plus ``variables``; waits for it -> (job id, result)."""
+    opts = _cpu_sbatch_opts(cluster, tmp_path) if opts is None else opts
+    job = cluster.sbatch([*opts, f"slurm/{script}", *args], env={**_job_env(tmp_path), **variables}, cwd=REPO)
+    return job, cluster.wait(job, timeout=timeout)
+
+
+def _train_job(cluster: SlurmCluster, tmp_path: Path, what: str, args=(), opts=None, **variables: str):
+    """A real training job of slurm/pretrain.sh with the tiny pretraining config that must
+    complete and leave its outputs -> (job id, result, output dir)."""
+    _require_training_entry_point()
+    out = tmp_path / "pretrain"
+    job, res = _run_job(cluster, tmp_path, "pretrain.sh", args, opts, CONFIG=TINY_PRETRAIN, OUTPUT_DIR=str(out),
+                        **variables)
+    _assert_completed(res, what)
+    _assert_run_outputs(out)
+    return job, res, out
+
+
+def _submit_transfer(cluster: SlurmCluster, tmp_path: Path, nodes: int | None, tasks_per_node: int,
+                     **variables: str) -> tuple[Path, dict[str, str]]:
+    """``bash slurm/transfer.sh`` with the tiny configs (``variables`` add or override): the run
+    directory and the ids it prints (PRETRAIN_JOB_ID, FINETUNE_JOB_ID, RUN_DIR)."""
+    run_dir = tmp_path / "run"
+    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
+           "FINETUNE_CONFIG": TINY_FINETUNE, "TASKS_PER_NODE": str(tasks_per_node), "CPUS_PER_TASK": "1",
+           "TIME": "10", **({"NODES": str(nodes)} if nodes else {}), **variables}
+    extra = ["--overcommit"] if cluster.cpus < 2 and nodes != 2 else []
+    p = cluster.run(["bash", str(SLURM / "transfer.sh"), *extra], env=env, cwd=REPO)
+    return run_dir, dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+
+
 def _assert_run_outputs(out: Path) -> None:
     export = out / "export"
     assert (export / "model.safetensors").is_file(), f"no export in {out}: {sorted(map(str, out.rglob('*')))[:50]}"
@@ -197,8 +239,7 @@ def _assert_run_outputs(out: Path) -> None:
     json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
+@cluster_test()
 def test_cluster_runs_a_two_task_job(slurm_cluster, tmp_path):
     script = tmp_path / "hello.sh"
     script.write_text("#!/bin/bash\nset -euo pipefail\nsrun bash -c 'echo procid=$SLURM_PROCID ntasks=$SLURM_NTASKS'\n")
@@ -229,8 +270,7 @@ exit "${FAKE_EXIT:-0}"
 """
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
+@cluster_test()
 def test_job_environment_and_exit_status_with_a_stand_in_python(slurm_cluster, tmp_path):
     fake = tmp_path / "fake-python"
     fake.write_text(_FAKE_PYTHON)
@@ -242,9 +282,7 @@ def test_job_environment_and_exit_status_with_a_stand_in_python(slurm_cluster, t
     (out / "checkpoints" / "step_1").write_text("x")  # RESUME=auto must add --resume
     env = {**_job_env(tmp_path), "MMM4REC_PYTHON": str(fake), "CONFIG": str(cfg), "OUTPUT_DIR": str(out),
            "OMP_NUM_THREADS": "7", "EXTRA_ARGS": "--set train.a=1"}
-    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh",
-                                "--set", "train.b=two words"], env=env, cwd=REPO)
-    res = slurm_cluster.wait(job, timeout=60)
+    job, res = _run_job(slurm_cluster, tmp_path, "pretrain.sh", ["--set", "train.b=two words"], timeout=60, **env)
     _assert_completed(res, "stand-in")
     log = res.log()
     port = 10000 + int(job) % 20000
@@ -258,8 +296,7 @@ def test_job_environment_and_exit_status_with_a_stand_in_python(slurm_cluster, t
 
     # The job's exit status is training's (FAILED, same code), and the failure is logged.
     env["FAKE_EXIT"] = "3"
-    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh"], env=env, cwd=REPO)
-    res = slurm_cluster.wait(job, timeout=60)
+    job, res = _run_job(slurm_cluster, tmp_path, "pretrain.sh", timeout=60, **env)
     assert (res.state, res.exit_code) == ("FAILED", 3), (res, res.log())
     assert "training FAILED with exit code 3" in res.log()
 
@@ -267,54 +304,34 @@ def test_job_environment_and_exit_status_with_a_stand_in_python(slurm_cluster, t
     env["FAKE_EXIT"] = "0"
     env["FAKE_NO_EXPORT"] = "1"
     env["OUTPUT_DIR"] = str(tmp_path / "out-no-export")
-    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh"], env=env, cwd=REPO)
-    res = slurm_cluster.wait(job, timeout=60)
+    job, res = _run_job(slurm_cluster, tmp_path, "pretrain.sh", timeout=60, **env)
     assert res.state == "FAILED" and res.exit_code != 0, (res, res.log())
     assert "left no export" in res.log()
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
+@cluster_test()
 def test_finetune_refuses_a_missing_export(slurm_cluster, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    env = {**_job_env(tmp_path), "CONFIG": str(cfg), "OUTPUT_DIR": str(tmp_path / "out"),
-           "PRETRAINED": str(tmp_path / "nowhere" / "export")}
-    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/finetune.sh"], env=env, cwd=REPO)
-    res = slurm_cluster.wait(job, timeout=60)
+    _, res = _run_job(slurm_cluster, tmp_path, "finetune.sh", timeout=60, CONFIG=str(cfg),
+                      OUTPUT_DIR=str(tmp_path / "out"), PRETRAINED=str(tmp_path / "nowhere" / "export"))
     assert res.state == "FAILED" and res.exit_code != 0, res
     assert "is not an export" in res.log(), res.log()
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@cluster_test(timeout=600)
 def test_sbatch_pretrain_cpu_two_tasks(slurm_cluster, tmp_path):
-    _require_training_entry_point()
-    out = tmp_path / "pretrain"
-    env = {**_job_env(tmp_path), "CONFIG": TINY_PRETRAIN, "OUTPUT_DIR": str(out)}
-    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh"], env=env, cwd=REPO)
-    res = slurm_cluster.wait(job, timeout=JOB_TIMEOUT)
-    _assert_completed(res, "pretrain")
-    _assert_run_outputs(out)
+    job, res, _ = _train_job(slurm_cluster, tmp_path, "pretrain")
     log = res.log()
     assert "device=cpu launcher=srun tasks=2" in log, log
     assert res.stdout_path == tmp_path / "logs" / f"mmm4rec-pretrain-{job}.out"
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(900)
+@cluster_test(timeout=900)
 def test_transfer_chains_pretrain_export_into_finetune(slurm_cluster, tmp_path):
     _require_training_entry_point()
-    run_dir = tmp_path / "run"
-    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
-           "FINETUNE_CONFIG": TINY_FINETUNE, "NODES": "1", "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1",
-           "TIME": "10", "PRETRAIN_EXTRA_ARGS": SHORT, "FINETUNE_EXTRA_ARGS": SHORT}
-    extra = ["--overcommit"] if slurm_cluster.cpus < 2 else []
-    p = slurm_cluster.run(["bash", str(SLURM / "transfer.sh"), *extra], env=env, cwd=REPO)
-    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
-    assert set(ids) == {"PRETRAIN_JOB_ID", "FINETUNE_JOB_ID", "RUN_DIR"}, p.stdout
+    run_dir, ids = _submit_transfer(slurm_cluster, tmp_path, 1, 2, PRETRAIN_EXTRA_ARGS=SHORT, FINETUNE_EXTRA_ARGS=SHORT)
+    assert set(ids) == {"PRETRAIN_JOB_ID", "FINETUNE_JOB_ID", "RUN_DIR"}, ids
     pre, fine = ids["PRETRAIN_JOB_ID"], ids["FINETUNE_JOB_ID"]
     assert Path(ids["RUN_DIR"]) == run_dir
     assert slurm_cluster.show_job(fine)["Dependency"].startswith(f"afterok:{pre}")
@@ -337,33 +354,20 @@ def test_transfer_chains_pretrain_export_into_finetune(slurm_cluster, tmp_path):
     assert train_lines, f"nothing written by training names {export} as init_from"
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@cluster_test(timeout=600)
 def test_torchrun_launcher(slurm_cluster, tmp_path):
-    _require_training_entry_point()
-    out = tmp_path / "pretrain"
-    env = {**_job_env(tmp_path), "CONFIG": TINY_PRETRAIN, "OUTPUT_DIR": str(out), "LAUNCHER": "torchrun"}
-    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh", *SHORT.split()],
-                               env=env, cwd=REPO)
-    res = slurm_cluster.wait(job, timeout=JOB_TIMEOUT)
-    _assert_completed(res, "pretrain with torchrun")
-    _assert_run_outputs(out)
+    job, res, _ = _train_job(slurm_cluster, tmp_path, "pretrain with torchrun", SHORT.split(), LAUNCHER="torchrun")
     log = res.log()
     assert "launcher=torchrun" in log and "--nproc-per-node=2" in log, log
     assert f"--rdzv-endpoint={slurm_cluster.node}:{10000 + int(job) % 20000}" in log, log
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@cluster_test(timeout=600)
 def test_failing_training_fails_the_job(slurm_cluster, tmp_path):
     _require_training_entry_point()
     out = tmp_path / "bad"
-    env = {**_job_env(tmp_path), "CONFIG": TINY_PRETRAIN, "OUTPUT_DIR": str(out)}
-    job = slurm_cluster.sbatch([*_cpu_sbatch_opts(slurm_cluster, tmp_path), "slurm/pretrain.sh",
-                                "--set", "train.no_such_key_xyz=1"], env=env, cwd=REPO)
-    res = slurm_cluster.wait(job, timeout=JOB_TIMEOUT)
+    _, res = _run_job(slurm_cluster, tmp_path, "pretrain.sh", ["--set", "train.no_such_key_xyz=1"],
+                      CONFIG=TINY_PRETRAIN, OUTPUT_DIR=str(out))
     log = res.log()
     assert res.state == "FAILED" and res.exit_code != 0, (res, log[-4000:])
     # dist/train.py exits 2 on a configuration error. srun's status is the highest of its
@@ -375,18 +379,11 @@ def test_failing_training_fails_the_job(slurm_cluster, tmp_path):
     assert not (out / "export" / "model.safetensors").exists()
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@cluster_test(timeout=600)
 def test_transfer_does_not_finetune_after_failed_pretrain(slurm_cluster, tmp_path):
     _require_training_entry_point()
-    run_dir = tmp_path / "run"
-    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
-           "FINETUNE_CONFIG": TINY_FINETUNE, "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1", "TIME": "10",
-           "PRETRAIN_EXTRA_ARGS": "--set train.no_such_key_xyz=1"}
-    extra = ["--overcommit"] if slurm_cluster.cpus < 2 else []
-    p = slurm_cluster.run(["bash", str(SLURM / "transfer.sh"), *extra], env=env, cwd=REPO)
-    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    run_dir, ids = _submit_transfer(slurm_cluster, tmp_path, None, 2,
+                                    PRETRAIN_EXTRA_ARGS="--set train.no_such_key_xyz=1")
     res_pre = slurm_cluster.wait(ids["PRETRAIN_JOB_ID"], timeout=JOB_TIMEOUT)
     assert res_pre.state == "FAILED" and res_pre.exit_code != 0, res_pre.log()[-4000:]
     res_fine = slurm_cluster.wait(ids["FINETUNE_JOB_ID"], timeout=60)
@@ -424,18 +421,10 @@ def _two_node_opts(tmp_path: Path) -> list[str]:
             f"--output={tmp_path}/logs/%x-%j.out"]
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@cluster_test(timeout=600)
 def test_two_nodes_pretrain_one_rank_per_node(slurm_two_nodes, tmp_path):
-    _require_training_entry_point()
     cluster = slurm_two_nodes
-    out = tmp_path / "pretrain"
-    env = {**_job_env(tmp_path), "CONFIG": TINY_PRETRAIN, "OUTPUT_DIR": str(out)}
-    job = cluster.sbatch([*_two_node_opts(tmp_path), "slurm/pretrain.sh", *SHORT.split()], env=env, cwd=REPO)
-    res = cluster.wait(job, timeout=JOB_TIMEOUT)
-    _assert_completed(res, "two-node pretrain")
-    _assert_run_outputs(out)
+    job, res, out = _train_job(cluster, tmp_path, "two-node pretrain", SHORT.split(), _two_node_opts(tmp_path))
     log = res.log()
     # The rendezvous host is the first node by its name, which resolves to its namespace address.
     assert f"master={cluster.nodes[0].name}:{10000 + int(job) % 20000}" in log, log[-4000:]
@@ -447,10 +436,9 @@ def test_two_nodes_pretrain_one_rank_per_node(slurm_two_nodes, tmp_path):
     # 2 nodes -> 1 node: the run continues (a second epoch) on one node with the same global
     # batch (2 x 128 rows -> 1 x 256); RESUME=auto passes --resume.
     opts = [o for o in _two_node_opts(tmp_path) if not o.startswith(("--nodes", "--ntasks-per-node"))]
-    job = cluster.sbatch([*opts, "--nodes=1", "--ntasks-per-node=1", "slurm/pretrain.sh",
-                          *SHORT.replace("train.epochs=1", "train.epochs=2").split(), "--set", "data.batch_size=256"],
-                         env=env, cwd=REPO)
-    res = cluster.wait(job, timeout=JOB_TIMEOUT)
+    job, res = _run_job(cluster, tmp_path, "pretrain.sh",
+                        [*SHORT.replace("train.epochs=1", "train.epochs=2").split(), "--set", "data.batch_size=256"],
+                        [*opts, "--nodes=1", "--ntasks-per-node=1"], CONFIG=TINY_PRETRAIN, OUTPUT_DIR=str(out))
     _assert_completed(res, "pretrain resumed on one node")
     log = res.log()
     assert f"resumed from {out / 'checkpoints' / 'step_00000004'}: epoch 2, step 4" in log, log[-4000:]
@@ -459,18 +447,11 @@ def test_two_nodes_pretrain_one_rank_per_node(slurm_two_nodes, tmp_path):
     assert (metrics["steps"], metrics["epochs_run"], metrics["world_size"]) == (8, 2, 1), metrics
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(900)
+@cluster_test(timeout=900)
 def test_two_nodes_transfer_chains_finetune_on_the_export(slurm_two_nodes, tmp_path):
     _require_training_entry_point()
     cluster = slurm_two_nodes
-    run_dir = tmp_path / "run"
-    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
-           "FINETUNE_CONFIG": TINY_FINETUNE, "NODES": "2", "TASKS_PER_NODE": "1", "CPUS_PER_TASK": "1",
-           "TIME": "10", "PRETRAIN_EXTRA_ARGS": SHORT, "FINETUNE_EXTRA_ARGS": SHORT}
-    p = cluster.run(["bash", str(SLURM / "transfer.sh")], env=env, cwd=REPO)
-    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    run_dir, ids = _submit_transfer(cluster, tmp_path, 2, 1, PRETRAIN_EXTRA_ARGS=SHORT, FINETUNE_EXTRA_ARGS=SHORT)
     pre, fine = ids["PRETRAIN_JOB_ID"], ids["FINETUNE_JOB_ID"]
     assert cluster.show_job(fine)["Dependency"].startswith(f"afterok:{pre}")
     res_pre = cluster.wait(pre, timeout=JOB_TIMEOUT)
@@ -504,18 +485,12 @@ def _find_rank_process(job_id: str, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@cluster_test(timeout=600)
 def test_two_nodes_killed_rank_fails_the_job_and_cancels_finetune(slurm_two_nodes, tmp_path):
     _require_training_entry_point()
     cluster = slurm_two_nodes
-    run_dir = tmp_path / "run"
-    env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
-           "FINETUNE_CONFIG": TINY_FINETUNE, "NODES": "2", "TASKS_PER_NODE": "1", "CPUS_PER_TASK": "1",
-           "TIME": "10", "PRETRAIN_EXTRA_ARGS": "--set train.epochs=50"}   # far longer than the test waits
-    p = cluster.run(["bash", str(SLURM / "transfer.sh")], env=env, cwd=REPO)
-    ids = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    run_dir, ids = _submit_transfer(cluster, tmp_path, 2, 1,
+                                    PRETRAIN_EXTRA_ARGS="--set train.epochs=50")   # far longer than the test waits
     pre, fine = ids["PRETRAIN_JOB_ID"], ids["FINETUNE_JOB_ID"]
     # Wait until training runs on both nodes (the process group is up: rank 0 announced the world).
     deadline = time.monotonic() + JOB_TIMEOUT
