@@ -35,6 +35,7 @@ run's batch order exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -141,55 +142,52 @@ class SequenceLoader:
     """Iterable of batches (``mmm4rec.contract.Batch``, docs/architecture.md) streamed from a shard set.
 
     Args:
-        cfg_or_url: a :class:`ShardsConfig` (its fields are the defaults of the
-            arguments below) or the shard set's URL.
+        cfg: a :class:`ShardsConfig` (the ``data:`` section), or the shard set's URL (with
+            ``ShardsConfig``'s defaults).
         split: ``"train"`` (every prefix of every user), ``"valid"`` / ``"test"`` (one
             sample per user, each user on exactly one rank).
-        batch_size: rows per batch on this rank (valid/test: ``eval_batch_size`` of the
-            config when set).
-        max_len: history length L.
         rank / world_size: this process's place in the job.
-        num_workers: DataLoader worker processes (0: read in this process).
-        seed: with the epoch, fixes the order.
-        shuffle: default: the config's (True) for train, False for valid/test.
-        drop_last: drop partial batches (see the module docstring) instead of padding
-            them; default: the config's (False) for train, False for valid/test.
         storage_options: fsspec options (S3 endpoint/credentials), else the config's.
-        shuffle_buffer: samples per shuffled chunk and worker.
-        verify: check each shard's sha256 against the manifest when it is read.
+        verify: check each shard's sha256 against the manifest when read (else the
+            config's ``verify_checksums``).
+        **overrides: fields of :class:`ShardsConfig` for this loader (``batch_size``,
+            ``max_len``, ``num_workers``, ``seed``, ``shuffle``, ``drop_last``,
+            ``shuffle_buffer``, ...). Not overridden: valid/test read ``eval_batch_size``
+            when set, and are never shuffled nor cut (``shuffle``/``drop_last`` apply to
+            train).
 
     The epoch is set with :meth:`set_epoch`; ``len(loader)`` is the number of batches
     every rank yields per epoch.
     """
 
-    def __init__(self, cfg_or_url: ShardsConfig | str, split: str = "train", batch_size: int | None = None,
-                 max_len: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int | None = None,
-                 seed: int | None = None, shuffle: bool | None = None, drop_last: bool | None = None,
-                 storage_options: Mapping[str, Any] | None = None, shuffle_buffer: int | None = None,
-                 verify: bool | None = None):
-        cfg = cfg_or_url if isinstance(cfg_or_url, ShardsConfig) else _DEFAULTS
-        url = cfg.url if isinstance(cfg_or_url, ShardsConfig) else str(cfg_or_url)
+    def __init__(self, cfg: ShardsConfig | str, split: str = "train", *, rank: int = 0, world_size: int = 1,
+                 storage_options: Mapping[str, Any] | None = None, verify: bool | None = None, **overrides: Any):
+        given = cfg if isinstance(cfg, ShardsConfig) else dataclasses.replace(_DEFAULTS, url=str(cfg))
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ShardsConfig)})
+        if unknown:
+            raise TypeError(f"SequenceLoader: {unknown} are not ShardsConfig fields")
+        conf = dataclasses.replace(given, **overrides)
+        url = conf.url
         if split not in SPLITS:
             raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
-        pick = lambda given, default: default if given is None else given
         self.split = split
-        default_bs = cfg.eval_batch_size if split != "train" and cfg.eval_batch_size else cfg.batch_size
-        self.batch_size = int(pick(batch_size, default_bs))
-        self.max_len = int(pick(max_len, cfg.max_len))
+        eval_bs = conf.eval_batch_size if split != "train" and "batch_size" not in overrides else None
+        self.batch_size = int(eval_bs or conf.batch_size)
+        self.max_len = int(conf.max_len)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.num_workers = int(pick(num_workers, cfg.num_workers))
-        self.seed = int(pick(seed, cfg.seed))
-        self.shuffle = bool(pick(shuffle, cfg.shuffle and split == "train"))
-        self.drop_last = bool(pick(drop_last, cfg.drop_last and split == "train"))
-        self.shuffle_buffer = int(pick(shuffle_buffer, cfg.shuffle_buffer))
-        self.verify = bool(pick(verify, cfg.verify_checksums))
+        self.num_workers = int(conf.num_workers)
+        self.seed = int(conf.seed)
+        self.shuffle = bool(conf.shuffle if "shuffle" in overrides else conf.shuffle and split == "train")
+        self.drop_last = bool(conf.drop_last if "drop_last" in overrides else conf.drop_last and split == "train")
+        self.shuffle_buffer = int(conf.shuffle_buffer)
+        self.verify = bool(conf.verify_checksums if verify is None else verify)
         if min(self.batch_size, self.max_len, self.shuffle_buffer) < 1 or min(self.num_workers, self.seed) < 0:
             raise ValueError("batch_size, max_len and shuffle_buffer must be >= 1, num_workers and seed >= 0")
-        if storage_options is None and isinstance(cfg_or_url, ShardsConfig):
-            storage_options = cfg.storage.to_options()
-        self.store = Store(url, storage_options, retry_seconds=cfg.storage.retry_seconds)   # outages: retried
+        if storage_options is None and isinstance(cfg, ShardsConfig):
+            storage_options = conf.storage.to_options()
+        self.store = Store(url, storage_options, retry_seconds=conf.storage.retry_seconds)   # outages: retried
         self.manifest = read_manifest(url, store=self.store)
         self._shards = self.manifest["sequences"]["shards"]
         self._counts = np.array([s["samples"][split] for s in self._shards], dtype=np.int64)

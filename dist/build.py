@@ -15,6 +15,7 @@ from mmm4rec import export_format
 from mmm4rec.config import ConfigError
 
 from .config import (
+    MODEL_SECTIONS,
     ExperimentConfig,
     check_deepspeed_schema,
     deepspeed_overlap,
@@ -170,7 +171,7 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
     storage = cfg.data.storage.to_options()
     manifest = read_manifest(url, storage)
     model_type, model_cfg = check_data_against_config(cfg, manifest, url)
-    cfg = dataclasses.replace(cfg, model={"type": model_type, **dataclasses.asdict(model_cfg)})
+    cfg = dataclasses.replace(cfg, model=MODEL_SECTIONS[model_type](**dataclasses.asdict(model_cfg)))
 
     seed_everything(cfg.train.seed, rank=0)          # identical dense init on every rank
     dense, specs = build_dense(model_type, model_cfg)

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def arg(*flags: str, **options) -> Arg:
     return Arg(flags, options)
 
 
-def command(subparsers, name: str, func, *, arguments: list[Arg] = (), **parser_options) -> argparse.ArgumentParser:
+def command(subparsers, name: str, func, *, arguments: Sequence[Arg] = (), **parser_options) -> argparse.ArgumentParser:
     """A sub-command of the ``mmm4rec`` CLI: its parser, its arguments and the function that runs it."""
     p = subparsers.add_parser(name, **parser_options)
     for a in arguments:

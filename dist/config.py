@@ -33,6 +33,7 @@ from data_shards import SAMPLE_DATASETS, ShardsConfig, StorageConfig
 from mmm4rec.config import ConfigError, from_dict, load_yaml, to_dict
 from mmm4rec.contract import DEFAULT_KS
 from mmm4rec.models import MODELS
+from mmm4rec.models.configs import MMM4RecConfig, SASRecConfig
 from mmm4rec.paths import REPO_ROOT, cache_dir
 
 _log = logging.getLogger(__name__)
@@ -281,11 +282,53 @@ class TrackersConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
+# ------------------------------------------------------------------------- model
+class _ModelSection:
+    """The ``model:`` section: ``type`` + that model's config fields, flat. The fields the data
+    decides (``DATA_FIELDS``) are None unless given; a given one must agree with the data
+    (``data.max_len`` owns the history length)."""
+
+    type: str
+    config_cls: Any   # the model's own config dataclass
+
+    def fields(self) -> dict[str, Any]:
+        """The given model fields (``type`` and unset data fields left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()   # type: ignore[call-overload]
+                if k != "type" and not (k in DATA_FIELDS and v is None)}
+
+    def validate(self) -> None:
+        # the model's own rules, with placeholders for what the data decides
+        from_dict(self.config_cls, {"num_items": 1, **self.fields()})
+
+
+@dataclass
+class MMM4RecSection(_ModelSection, MMM4RecConfig):
+    type: Literal["mmm4rec"] = "mmm4rec"
+    num_items: int | None = None      # type: ignore[assignment]  # None: from the data
+    max_len: int | None = None        # type: ignore[assignment]
+    text_dim: int | None = None       # type: ignore[assignment]
+    image_dim: int | None = None      # type: ignore[assignment]
+    config_cls = MMM4RecConfig
+
+
+@dataclass
+class SASRecSection(_ModelSection, SASRecConfig):
+    type: Literal["sasrec"] = "sasrec"
+    num_items: int | None = None      # type: ignore[assignment]  # None: from the data
+    max_len: int | None = None        # type: ignore[assignment]
+    config_cls = SASRecConfig
+
+
+#: ``model.type`` -> its section (one per model of ``mmm4rec.models.MODELS``)
+MODEL_SECTIONS: dict[str, type[MMM4RecSection] | type[SASRecSection]] = {"mmm4rec": MMM4RecSection,
+                                                                        "sasrec": SASRecSection}
+
+
 @dataclass
 class ExperimentConfig:
     data: DataSection
     name: str = "mmm4rec"
-    model: dict[str, Any] = field(default_factory=lambda: {"type": "mmm4rec"})
+    model: MMM4RecSection | SASRecSection = field(default_factory=MMM4RecSection)
     tables: TablesConfig = field(default_factory=TablesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -294,21 +337,15 @@ class ExperimentConfig:
 
     @property
     def model_type(self) -> str:
-        return self.model.get("type", "mmm4rec")
+        return self.model.type
 
     def model_fields(self) -> dict[str, Any]:
-        """The model section without ``type``: fields of the model's config class."""
-        return {k: v for k, v in self.model.items() if k != "type"}
+        """The model section without ``type``: the given fields of the model's config class."""
+        return self.model.fields()
 
     def validate(self) -> None:
-        mtype = self.model_type
-        if mtype not in MODELS:
-            raise ConfigError(f"model.type: must be one of {sorted(MODELS)}, got {mtype!r}")
-        # type-check the model fields now (data-decided ones get placeholders)
-        fields = {"num_items": 1, **self.model_fields()}
-        from_dict(MODELS[mtype].config_cls, fields, _path="model")
-        if self.data.max_len and "max_len" in self.model and self.model["max_len"] != self.data.max_len:
-            raise ConfigError(f"model.max_len: {self.model['max_len']} differs from data.max_len "
+        if self.model.max_len is not None and self.model.max_len != self.data.max_len:
+            raise ConfigError(f"model.max_len: {self.model.max_len} differs from data.max_len "
                               f"{self.data.max_len} (set one of them)")
         if self.train.loss == "inbatch" and self.data.batch_size < 2:
             raise ConfigError("data.batch_size: the in-batch loss needs at least 2 rows per batch")
@@ -330,7 +367,7 @@ def resolve_model_config(cfg: ExperimentConfig, manifest: dict):
     config_cls = MODELS[mtype].config_cls
     known = {f.name for f in dataclasses.fields(config_cls)}
     feats = manifest.get("features", {})
-    from_data = {"num_items": int(manifest["num_items"]), "max_len": cfg.data.max_len}
+    from_data = {"num_items": int(manifest["num_items"])}
     if "text_dim" in known and feats.get("text", {}).get("dim"):
         from_data["text_dim"] = int(feats["text"]["dim"])
     if "image_dim" in known and feats.get("image", {}).get("dim"):
@@ -338,10 +375,10 @@ def resolve_model_config(cfg: ExperimentConfig, manifest: dict):
     fields = cfg.model_fields()
     for k, v in from_data.items():
         if k in fields and fields[k] != v:
-            src = "data.max_len" if k == "max_len" else f"the data ({cfg.data.url})"
-            raise ConfigError(f"model.{k}: {fields[k]} differs from {src}: {v} (leave it unset: it is "
-                              f"taken from the data)")
-    return mtype, from_dict(config_cls, {**fields, **from_data}, _path="model")
+            raise ConfigError(f"model.{k}: {fields[k]} differs from the data ({cfg.data.url}): {v} (leave it "
+                              f"unset: it is taken from the data)")
+    # max_len: data.max_len owns it (a given model.max_len equal to it: ExperimentConfig.validate)
+    return mtype, from_dict(config_cls, {**fields, **from_data, "max_len": cfg.data.max_len}, _path="model")
 
 
 # ---------------------------------------------------------------------- deepspeed

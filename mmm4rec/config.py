@@ -55,6 +55,22 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _tagged_members(members: tuple) -> dict[str, Any]:
+    """``{tag: member}`` when every (non-None) member of a Union is a dataclass whose ``type``
+    field is a one-value ``Literal`` (a tagged union, e.g. the experiment's model section)."""
+    out: dict[str, Any] = {}
+    for m in members:
+        if m is type(None):
+            continue
+        if not (isinstance(m, type) and dataclasses.is_dataclass(m)):
+            return {}
+        hint = typing.get_type_hints(m).get("type")
+        if get_origin(hint) is not Literal or len(get_args(hint)) != 1:
+            return {}
+        out[get_args(hint)[0]] = m
+    return out
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     origin = get_origin(tp)
     args = get_args(tp)
@@ -63,6 +79,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged_members(args)
+        if tagged and isinstance(value, Mapping):   # a section selected by its `type` key
+            kind = value.get("type", next(iter(tagged)))
+            if kind not in tagged:
+                raise ConfigError(f"{path}.type: must be one of {list(tagged)}, got {kind!r}")
+            return _convert(value, tagged[kind], path)
         errors = []
         for a in args:
             if a is type(None):

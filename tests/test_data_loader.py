@@ -226,6 +226,11 @@ def test_config_drives_the_loader(office_url):
     train, test = SequenceLoader(cfg, "train"), SequenceLoader(cfg, "test")
     assert (train.batch_size, train.shuffle, test.batch_size, test.shuffle) == (32, True, 128, False)
     assert next(iter(train))["item_seq"].shape == (32, 5)
+    # a keyword overrides the config's field of the same name; an unknown one is refused
+    small = SequenceLoader(cfg, "test", batch_size=16, shuffle=True)
+    assert (small.batch_size, small.shuffle, small.max_len, small.seed) == (16, True, 5, 1)
+    with pytest.raises(TypeError, match="batch_sise"):
+        SequenceLoader(cfg, "train", batch_sise=16)
 
 
 # ----------------------------------------------------------------------------- resume on another world size

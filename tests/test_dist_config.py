@@ -320,3 +320,24 @@ def test_fsync_tree_tolerates_files_renamed_by_other_ranks(tmp_path, monkeypatch
     monkeypatch.setattr(checkpoint, "_fsync_file", racing_fsync)
     checkpoint.fsync_tree(tmp_path)
     assert "rank0.pt" in synced
+
+
+def test_model_section_is_typed_and_selected_by_its_type():
+    import dataclasses
+
+    from dist.config import MODEL_SECTIONS, MMM4RecSection, SASRecSection
+    from mmm4rec.models import MODELS
+
+    assert set(MODEL_SECTIONS) == set(MODELS)
+    for name, section in MODEL_SECTIONS.items():   # every field of the model's config, plus `type`
+        own = {f.name for f in dataclasses.fields(MODELS[name].config_cls)}
+        assert {f.name for f in dataclasses.fields(section)} == own | {"type"}
+    cfg = load(TINY_FT, "model.hidden_size=32")
+    assert isinstance(cfg.model, MMM4RecSection) and cfg.model.hidden_size == 32
+    assert cfg.model.max_len is None and "max_len" not in cfg.model_fields()   # data.max_len owns it
+    sas = load(REPO / "configs" / "tiny_sasrec.yaml")
+    assert isinstance(sas.model, SASRecSection) and sas.model_type == "sasrec"
+    with pytest.raises(ConfigError, match=r"model\.hidden_size: expected int"):
+        load(TINY_FT, "model.hidden_size=wide")
+    with pytest.raises(ConfigError, match=r"model\.d_state: unknown key .*SASRecSection"):
+        load(REPO / "configs" / "tiny_sasrec.yaml", "model.d_state=8")

@@ -135,7 +135,7 @@ def test_shipped_scientific_config_steps_and_effective_batch():
     assert cfg.train.optimizer.name == "nadam" and cfg.train.optimizer.lr == 1e-4
     assert cfg.train.optimizer.weight_decay == pytest.approx(5e-3 / 8)
     assert cfg.tables.optimizer == "dense" and cfg.eval.tie_improves and cfg.eval.metric == "hr@10"
-    assert cfg.model["num_layers"] == 1 and cfg.model["use_id"] is True
+    assert cfg.model.num_layers == 1 and cfg.model.use_id is True
 
 
 @pytest.mark.slow
