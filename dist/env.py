@@ -9,10 +9,16 @@ through DeepSpeed's CPU accelerator.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import platform
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from mmm4rec.config import ConfigError
 
 from .cli import free_port
 from .config import default_cache_dir
@@ -20,13 +26,47 @@ from .config import default_cache_dir
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DistEnv", "prepare_process_env", "init_distributed", "seed_everything", "rng_state", "set_rng_state"]
+_log = logging.getLogger(__name__)
+__all__ = ["DistEnv", "slurm_task_env", "tasks_on_node", "prepare_process_env", "init_distributed", "seed_everything",
+           "rng_state", "set_rng_state"]
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+#: set by slurm/common.sh for srun's tasks: read this process's place from SLURM_* variables
+SLURM_TASK_FLAG = "MMM4REC_SLURM_TASK"
+
+
+def tasks_on_node(spec: str, node: int) -> int:
+    """The task count of node ``node`` from Slurm's compressed per-node counts ("2(x3),1")."""
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            break
+        count, reps = int(m.group(1)), int(m.group(2) or 1)
+        if node < reps:
+            return count
+        node -= reps
+    raise ConfigError(f"cannot read this node's task count from SLURM_STEP_TASKS_PER_NODE={spec!r}")
+
+
+def slurm_task_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The env:// variables of one srun task (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    LOCAL_SIZE for DeepSpeed's CPU accelerator, GROUP_RANK) from its SLURM_* variables;
+    MASTER_ADDR/MASTER_PORT must be set (slurm/common.sh)."""
+    for v in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "MASTER_ADDR", "MASTER_PORT"):
+        if not environ.get(v):
+            raise ConfigError(f"{v} is not set: with {SLURM_TASK_FLAG}=1, dist/train.py runs as one srun task "
+                              f"of slurm/pretrain.sh or slurm/finetune.sh")
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+    local = str(tasks_on_node(spec, int(environ["SLURM_NODEID"])))
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ["SLURM_LOCALID"], "LOCAL_WORLD_SIZE": local, "LOCAL_SIZE": local,
+            "GROUP_RANK": environ["SLURM_NODEID"]}
 
 
 def prepare_process_env() -> None:
@@ -36,6 +76,8 @@ def prepare_process_env() -> None:
     * ``TORCH_EXTENSIONS_DIR`` under ``$MMM4REC_CACHE`` (default ``<repo>/.cache``), where
       any op DeepSpeed JIT-builds is cached (none by default: the CPU shared-memory comm
       op is skipped, see :func:`_skip_deepspeed_shm_op`),
+    * an srun task of slurm/common.sh (``MMM4REC_SLURM_TASK=1``) gets its env:// variables
+      from its SLURM_* ones (:func:`slurm_task_env`),
     * a single-process run gets ``RANK=0 WORLD_SIZE=1`` and a free local port,
     * CPU threads: ``OMP_NUM_THREADS`` if set, else the cores split between the
       processes of this node.
@@ -52,6 +94,12 @@ def prepare_process_env() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
+    if os.environ.get(SLURM_TASK_FLAG) == "1" and "RANK" not in os.environ:
+        task = slurm_task_env(os.environ)
+        os.environ.update(task)
+        _log.info(f"task rank {task['RANK']}/{task['WORLD_SIZE']} on host {platform.node()} (node index "
+                  f"{task['GROUP_RANK']}, local rank {task['LOCAL_RANK']}/{task['LOCAL_WORLD_SIZE']})",
+                  extra={"all_ranks": True})
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

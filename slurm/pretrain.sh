@@ -40,17 +40,19 @@
 #   MMM4REC_CACHE   cache shared by all jobs (default <repo>/.cache): compiled
 #                   DeepSpeed ops (TORCH_EXTENSIONS_DIR=$MMM4REC_CACHE/torch_extensions
 #                   unless set) and the bundled sample shards
-#   RESUME          auto (default: --resume when OUTPUT_DIR/checkpoints is not
-#                   empty, e.g. after a requeue), 1 (always) or 0 (never)
+#   RESUME          auto/1 (default: --resume, which continues from the latest
+#                   checkpoint in OUTPUT_DIR, e.g. after a requeue, or starts fresh
+#                   when there is none) or 0 (never)
 #   EXTRA_ARGS      more dist/train.py arguments, split on whitespace
 #   NPROC_PER_NODE  torchrun only: processes per node (default: tasks or GPUs per node)
 #   MMM4REC_MASTER_ADDR, MMM4REC_MASTER_PORT
 #                   override the rendezvous host (default: first node of the job)
 #                   and port (default: 10000 + job id % 20000)
 # Variables read when submitting with `bash slurm/pretrain.sh` (with plain
-# sbatch, use sbatch options or SBATCH_* variables instead):
-#   NODES, TASKS_PER_NODE, GPUS_PER_NODE, CPUS_PER_TASK, TIME, PARTITION,
-#   ACCOUNT, JOB_NAME   -> --nodes, --ntasks-per-node, --gpus-per-node, ...
+# sbatch, use sbatch options instead):
+#   NODES, TASKS_PER_NODE, CPUS_PER_TASK -> --nodes, --ntasks-per-node, --cpus-per-task
+#   time, partition, account, job name, GPUs: sbatch's own variables, e.g.
+#   SBATCH_TIMELIMIT, SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_JOB_NAME, SBATCH_GPUS_PER_NODE
 #   LOG_DIR         job logs go to LOG_DIR/<job-name>-<job-id>.out (default logs/slurm)
 # With MMM4REC_DEVICE=cpu the submission asks for --gpus-per-node=0.
 # NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are yours to export; see docs/slurm.md.

@@ -28,7 +28,8 @@
 #   PRETRAIN_SBATCH_ARGS, FINETUNE_SBATCH_ARGS
 #                       sbatch options for one job (whitespace-split),
 #                       e.g. FINETUNE_SBATCH_ARGS="--time=02:00:00"
-#   NODES, TASKS_PER_NODE, GPUS_PER_NODE, CPUS_PER_TASK, TIME, PARTITION, ACCOUNT
+#   NODES, TASKS_PER_NODE, CPUS_PER_TASK, SBATCH_TIMELIMIT, SBATCH_PARTITION,
+#   SBATCH_ACCOUNT, SBATCH_GPUS_PER_NODE (sbatch's own variables)
 #                       resources of both jobs (default: the #SBATCH lines of
 #                       pretrain.sh / finetune.sh)
 #   LOG_DIR             job logs: LOG_DIR/<job-name>-<job-id>.out (default
@@ -71,14 +72,14 @@ read -ra pretrain_sbatch <<<"${PRETRAIN_SBATCH_ARGS:-}"
 read -ra finetune_sbatch <<<"${FINETUNE_SBATCH_ARGS:-}"
 
 pretrain_id=$(
-  unset PRETRAINED JOB_NAME
+  unset PRETRAINED SBATCH_JOB_NAME
   CONFIG=$pretrain_cfg OUTPUT_DIR=$pretrain_out EXTRA_ARGS=${PRETRAIN_EXTRA_ARGS:-} \
     mmm4rec_submit pretrain "$MMM4REC_ROOT/slurm/pretrain.sh" "$@" "${pretrain_sbatch[@]}"
 )
 mmm4rec_log "submitted pre-training job $pretrain_id -> $pretrain_out"
 
 if ! finetune_id=$(
-  unset JOB_NAME
+  unset SBATCH_JOB_NAME
   CONFIG=$finetune_cfg OUTPUT_DIR=$finetune_out PRETRAINED=$pretrain_out/export \
     EXTRA_ARGS=${FINETUNE_EXTRA_ARGS:-} \
     mmm4rec_submit finetune "$MMM4REC_ROOT/slurm/finetune.sh" \

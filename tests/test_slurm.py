@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from mmm4rec.config import ConfigError
+
 try:  # tests/ on sys.path (no tests/__init__.py) ...
     from slurm_cluster import SlurmCluster, slurm_cluster, slurm_two_nodes  # noqa: F401  (the fixtures)
 except ModuleNotFoundError:  # ... or tests/ as a package
@@ -108,25 +110,38 @@ def test_help_prints_usage_without_submitting(tmp_path, script, must_mention):
         assert word in p.stdout, f"{script} --help does not mention {word}:\n{p.stdout}"
 
 
-def test_task_exec_sets_torch_env_from_slurm():
-    keys = "'RANK','WORLD_SIZE','LOCAL_RANK','LOCAL_WORLD_SIZE','MASTER_ADDR','MASTER_PORT'"
-    show = f"import os; print(*(os.environ[k] for k in ({keys})))"
-    base = {"SLURM_NTASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "2(x2),4", "MASTER_ADDR": "node-a",
-            "MASTER_PORT": "12345"}
-    p = _bash([SLURM / "common.sh", "task-exec", sys.executable, "-c", show],
-              env={**base, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"})
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["3", "8", "1", "2", "node-a", "12345"]
-    p = _bash([SLURM / "common.sh", "task-exec", sys.executable, "-c", show],
-              env={**base, "SLURM_PROCID": "7", "SLURM_LOCALID": "3", "SLURM_NODEID": "2"})
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["7", "8", "3", "4", "node-a", "12345"]
+_SHOW_TASK_ENV = """
+import os
+from mmm4rec.log import setup_logging
+from dist.env import prepare_process_env
+setup_logging()
+prepare_process_env()
+print(*(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')))
+"""
 
 
-def test_task_exec_refuses_without_slurm_vars():
-    p = _bash([SLURM / "common.sh", "task-exec", "true"])
-    assert p.returncode != 0
-    assert "SLURM_PROCID is not set" in p.stderr
+def test_an_srun_task_gets_the_torch_env_from_slurm():
+    """dist/train.py as one srun task of slurm/common.sh (MMM4REC_SLURM_TASK=1): its env://
+    variables come from the task's SLURM_* ones (dist/env.py), in the process itself."""
+    base = {"MMM4REC_SLURM_TASK": "1", "SLURM_NTASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "2(x2),4",
+            "MASTER_ADDR": "node-a", "MASTER_PORT": "12345"}
+    for task, want in (({"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}, "3 8 1 2"),
+                       ({"SLURM_PROCID": "7", "SLURM_LOCALID": "3", "SLURM_NODEID": "2"}, "7 8 3 4")):
+        p = _bash(["-c", f'exec "{sys.executable}" -c "$0"', _SHOW_TASK_ENV], env={**base, **task})
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split() == [*want.split(), "node-a", "12345"]
+        rank, world = want.split()[:2]
+        assert f"task rank {rank}/{world} on host " in p.stderr, p.stderr   # every rank says where it runs
+
+
+def test_an_srun_task_refuses_without_slurm_vars():
+    from dist.env import slurm_task_env, tasks_on_node
+
+    with pytest.raises(ConfigError, match="SLURM_PROCID is not set"):
+        slurm_task_env({"MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    assert [tasks_on_node("2(x2),4", i) for i in range(3)] == [2, 2, 4]
+    with pytest.raises(ConfigError, match="task count"):
+        tasks_on_node("2(x2),4", 3)
 
 
 def test_head_node_is_first_host_and_never_a_silent_localhost(tmp_path):
@@ -223,7 +238,7 @@ def _submit_transfer(cluster: SlurmCluster, tmp_path: Path, nodes: int | None, t
     run_dir = tmp_path / "run"
     env = {**_job_env(tmp_path), "RUN_DIR": str(run_dir), "PRETRAIN_CONFIG": TINY_PRETRAIN,
            "FINETUNE_CONFIG": TINY_FINETUNE, "TASKS_PER_NODE": str(tasks_per_node), "CPUS_PER_TASK": "1",
-           "TIME": "10", **({"NODES": str(nodes)} if nodes else {}), **variables}
+           "SBATCH_TIMELIMIT": "10", **({"NODES": str(nodes)} if nodes else {}), **variables}
     extra = ["--overcommit"] if cluster.cpus < 2 and nodes != 2 else []
     p = cluster.run(["bash", str(SLURM / "transfer.sh"), *extra], env=env, cwd=REPO)
     return run_dir, dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
@@ -257,12 +272,12 @@ def test_cluster_runs_a_two_task_job(slurm_cluster, tmp_path):
 # honours the output contract, without training (checks the plumbing in seconds).
 _FAKE_PYTHON = r"""#!/usr/bin/env bash
 set -eu
-echo "task RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE" \
+echo "task PROCID=$SLURM_PROCID NTASKS=$SLURM_NTASKS LOCALID=$SLURM_LOCALID SLURM_TASK=$MMM4REC_SLURM_TASK" \
      "MASTER=$MASTER_ADDR:$MASTER_PORT OMP=$OMP_NUM_THREADS DS=${DS_ACCELERATOR:-} ARGS=$*"
 out=""
 prev=""
 for a in "$@"; do [ "$prev" = --output-dir ] && out=$a; prev=$a; done
-if [ "$RANK" = 0 ] && [ "${FAKE_EXIT:-0}" = 0 ] && [ -z "${FAKE_NO_EXPORT:-}" ]; then
+if [ "$SLURM_PROCID" = 0 ] && [ "${FAKE_EXIT:-0}" = 0 ] && [ -z "${FAKE_NO_EXPORT:-}" ]; then
   mkdir -p "$out/export" "$out/checkpoints"
   : > "$out/export/model.safetensors"; echo '{}' > "$out/export/config.json"
 fi
@@ -287,9 +302,9 @@ def test_job_environment_and_exit_status_with_a_stand_in_python(slurm_cluster, t
     log = res.log()
     port = 10000 + int(job) % 20000
     for rank in (0, 1):
-        line = next((ln for ln in log.splitlines() if ln.startswith(f"task RANK={rank} ")), None)
+        line = next((ln for ln in log.splitlines() if ln.startswith(f"task PROCID={rank} ")), None)
         assert line is not None, log
-        assert f"WORLD_SIZE=2 LOCAL_RANK={rank} LOCAL_WORLD_SIZE=2" in line, line
+        assert f"NTASKS=2 LOCALID={rank} SLURM_TASK=1" in line, line   # dist/env.py maps them
         assert f"MASTER={slurm_cluster.node}:{port} OMP=1 DS=cpu" in line, line
         assert line.endswith(f"ARGS={REPO}/dist/train.py --config {cfg} --output-dir {out} "
                              "--set train.a=1 --set train.b=two words --resume"), line
@@ -404,7 +419,7 @@ KILL_TO_FAILED_LIMIT = 90.0   # seconds from SIGKILL of one rank to the job's FA
 
 
 def _rank_hosts(log: str) -> dict[int, str]:
-    """{rank: host} from the per-task lines slurm/common.sh task-exec logs."""
+    """{rank: host} from the per-task lines every rank logs (dist/env.py)."""
     found = re.findall(r"task rank (\d+)/\d+ on host (\S+) ", log)
     return {int(r): h for r, h in found}
 
@@ -480,7 +495,7 @@ def _find_rank_process(job_id: str, rank: int) -> int | None:
         except OSError:
             continue
         if (b"dist/train.py" in cmdline and f"SLURM_JOB_ID={job_id}".encode() in environ
-                and f"RANK={rank}".encode() in environ):
+                and f"SLURM_PROCID={rank}".encode() in environ):
             return int(proc.name)
     return None
 
