@@ -36,7 +36,7 @@ def _say(msg: str) -> None:
 
 
 def _launch(name: str, run_dir: Path, args: list[str], nproc: int, launcher: str) -> Path:
-    """Run dist/train.py; show its [mmm4rec] lines, keep the full output in logs/."""
+    """Run dist/train.py (its output to logs/NAME.log); then show its epochs from its metrics.json."""
     from dist.cli import free_port, launcher_command, launcher_env
 
     out = run_dir / name
@@ -45,22 +45,20 @@ def _launch(name: str, run_dir: Path, args: list[str], nproc: int, launcher: str
     log_path = run_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _say(f"{name}: {' '.join(os.path.relpath(c) if c.startswith(str(REPO)) else c for c in cmd)}")
+    _say(f"{name}: running; its log: {log_path}")
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(nproc), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            for part in line.replace("\r", "\n").split("\n"):   # tqdm redraws with \r
-                if "[mmm4rec]" in part:   # the run's own log lines, indented under its step
-                    _log.info("    " + part[part.index("[mmm4rec]"):].strip(), extra={"tag": ""})
-        rc = proc.wait()
+        rc = subprocess.run(cmd, cwd=REPO, env=launcher_env(nproc), stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = log_path.read_text().splitlines()[-40:]
         raise RuntimeError(f"{name} failed with exit code {rc} after {time.time() - t0:.0f}s; full log: "
                            f"{log_path}\n" + "\n".join(tail))
-    _say(f"{name}: done in {time.time() - t0:.0f}s")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for h in metrics["history"]:
+        valid = ", ".join(f"{k.removeprefix('valid/')} {v:.4f}" for k, v in h.items()
+                          if k in ("valid/ndcg@10", "valid/hr@10"))
+        _say(f"    epoch {h['epoch']}: train loss {h['train_loss']:.4f}" + (f", valid {valid}" if valid else ""))
+    _say(f"{name}: done in {time.time() - t0:.0f}s, best epoch {metrics.get('best_epoch')}")
     return out
 
 

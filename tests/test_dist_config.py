@@ -113,7 +113,7 @@ def test_export_model_mismatch_lists_every_tensor(tmp_path):
     from mmm4rec.config import from_dict
     from mmm4rec.models import MMM4Rec
 
-    fields = {k: v for k, v in load(TINY_FT).model.items() if k != "type"}
+    fields = load(TINY_FT).model_fields()
     small = from_dict(MMM4Rec.config_cls, {**fields, "num_items": 10, "text_dim": 384, "image_dim": 512})
     MMM4Rec(small).save_pretrained(tmp_path / "exp")
     big = from_dict(MMM4Rec.config_cls, {**fields, "hidden_size": 64, "inner_size": 128, "num_items": 10,
@@ -337,7 +337,7 @@ def test_model_section_is_typed_and_selected_by_its_type():
     assert cfg.model.max_len is None and "max_len" not in cfg.model_fields()   # data.max_len owns it
     sas = load(REPO / "configs" / "tiny_sasrec.yaml")
     assert isinstance(sas.model, SASRecSection) and sas.model_type == "sasrec"
-    with pytest.raises(ConfigError, match=r"model\.hidden_size: expected int"):
+    with pytest.raises(ConfigError, match=r"model\.hidden_size: expected an integer"):
         load(TINY_FT, "model.hidden_size=wide")
     with pytest.raises(ConfigError, match=r"model\.d_state: unknown key .*SASRecSection"):
         load(REPO / "configs" / "tiny_sasrec.yaml", "model.d_state=8")
