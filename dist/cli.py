@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
@@ -39,19 +39,30 @@ def _has_cuda() -> bool:
         return False
 
 
-def launcher_env(nproc: int, base: dict | None = None) -> dict:
-    """Environment for a local multi-process launch: DeepSpeed's CPU accelerator when
-    there is no GPU, one shared extension cache, the cores split between processes."""
-    env = dict(os.environ if base is None else base)
-    from .config import default_cache_dir
+def process_env(env: MutableMapping[str, str], local_processes: int, has_cuda: bool) -> None:
+    """The process-environment policy of training, in one place: for the launcher that
+    starts the ranks (:func:`launcher_env`) and inside each rank (``dist.env``) alike.
+    One shared extension cache; without a GPU, DeepSpeed's CPU accelerator and the cores
+    split between this node's processes. (A Slurm job sets the threads from its
+    allocation first: slurm/common.sh.)"""
+    from mmm4rec.paths import cache_dir
 
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
-    if not _has_cuda():
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    if not has_cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(local_processes, 1))))
+
+
+def launcher_env(nproc: int, base: dict | None = None) -> dict:
+    """Environment for a local multi-process launch (:func:`process_env`, unbuffered
+    output, the repository on PYTHONPATH)."""
+    env = dict(os.environ if base is None else base)
+    cuda = _has_cuda()
+    process_env(env, nproc, cuda)
+    if not cuda:
         # a CUDA_VISIBLE_DEVICES of a GPU-less machine only makes the deepspeed launcher print
         # that it ignores it (the CPU accelerator reads the same variable)
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     from mmm4rec.paths import REPO_ROOT
 

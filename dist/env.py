@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 
 from mmm4rec.config import ConfigError
 
-from .cli import free_port
-from .config import default_cache_dir
+from .cli import free_port, process_env
 
 if TYPE_CHECKING:
     import torch
@@ -91,9 +90,6 @@ def prepare_process_env() -> None:
     warnings.filterwarnings(
         "ignore", category=FutureWarning,
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
     if os.environ.get(SLURM_TASK_FLAG) == "1" and "RANK" not in os.environ:
         task = slurm_task_env(os.environ)
         os.environ.update(task)
@@ -105,12 +101,12 @@ def prepare_process_env() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    process_env(os.environ, local_world, cuda)   # the one policy (dist/cli.py)
+    if not cuda:
         os.environ.setdefault("LOCAL_SIZE", str(local_world))   # DeepSpeed's CPU accelerator counts devices by it
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    threads = os.environ.get("OMP_NUM_THREADS") or (os.cpu_count() or 1) // max(local_world, 1)
+    torch.set_num_threads(max(1, int(threads)))
 
 
 @dataclass(frozen=True)
