@@ -83,7 +83,9 @@ class DistRecModel:
         average is then the gradient of the global mean over real rows."""
         batch = Batch.of(batch).to(self.device, non_blocking=True)
         if normaliser is None:
-            local = batch.weight.float().sum()
+            # no weight: every row real (as mmm4rec.losses reads it)
+            local = (batch.weight.float().sum() if batch.weight is not None
+                     else torch.tensor(float(batch.target.shape[0]), device=batch.target.device))
             normaliser = self.env.all_reduce_sum(local.detach().clone()).clamp(min=1.0) / self.env.world_size
         return losses.next_item_loss(kind, self.forward, batch, self.config, self.num_items, normaliser, **options)
 

@@ -94,7 +94,8 @@ def write_files(out_dir: str | os.PathLike, model_type: str, config, state: Mapp
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: (v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in state.items()}, str(out / "model.safetensors"))
-    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) \
+        else dict(config)
     head = {"model_type": model_type, "config": cfg, "dtype": str(EXPORT_DTYPES[dtype]).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(head, indent=2))
     if card is not None:

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("mmm4rec", "data_shards", "dist")
 #: the leaf: what every package may import (no torch, nothing else of the project)
 LEAF = ("mmm4rec.config", "mmm4rec.errors", "mmm4rec.log", "mmm4rec.paths")
+#: the typed batch: data_shards builds it (torch, but no model, no kernel, nothing else of the project)
+BATCH = "mmm4rec.contract"
 #: what each package must not import
 FORBIDDEN = {"mmm4rec": ("data_shards", "dist"), "data_shards": ("dist",), "dist": ()}
 
@@ -56,11 +58,14 @@ def test_no_package_imports_upwards():
     assert not bad, "\n".join(bad)
 
 
-def test_data_shards_uses_only_the_leaf_of_mmm4rec():
+def test_data_shards_uses_only_the_leaf_and_the_batch_type_of_mmm4rec():
+    allowed = (*LEAF, BATCH)
     bad = [f"{path} imports {name}" for path, names in _module_imports().items() if path.startswith("data_shards/")
            for name in sorted(names) if name.startswith("mmm4rec") and name != "mmm4rec"
-           and not any(name == leaf or name.startswith(leaf + ".") for leaf in LEAF)]
+           and not any(name == ok or name.startswith(ok + ".") for ok in allowed)]
     assert not bad, "\n".join(bad)
+    batch = _imports(REPO / "mmm4rec" / "contract.py", "mmm4rec")
+    assert not [n for n in batch if n.split(".")[0] in PACKAGES and not n.startswith(LEAF)], batch
 
 
 def test_the_leaf_imports_nothing_of_the_project():
