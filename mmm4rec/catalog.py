@@ -194,7 +194,7 @@ class NegativeSampler:
 
     def __init__(self, num_items: int, counts: torch.Tensor | None = None, alpha: float = 1.0, seed: int = 0):
         self.num_items = int(num_items)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(int(seed))   # sample(generator=None): torch's global RNG
         if counts is None:
             self.probs = None
         else:
@@ -214,12 +214,15 @@ class NegativeSampler:
             return torch.full(ids.shape, 1.0 / self.num_items, dtype=torch.float64, device=ids.device)
         return self.probs.to(ids.device)[ids]
 
-    def sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [k] int64, log expected count [k] = log(k q(id)))``, drawn with replacement."""
+    def sample(self, k: int, generator: torch.Generator | None | str = "own") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [k] int64, log expected count [k] = log(k q(id)))``, drawn with replacement
+        from the sampler's own seeded generator (default) or ``generator`` (None: torch's
+        global RNG, which a training checkpoint saves and restores)."""
+        gen = self.generator if isinstance(generator, str) else generator
         if self.probs is None:
-            ids = torch.randint(1, self.num_items + 1, (k,), generator=self.generator)
+            ids = torch.randint(1, self.num_items + 1, (k,), generator=gen)
         else:
-            ids = torch.multinomial(self.probs, k, replacement=True, generator=self.generator)
+            ids = torch.multinomial(self.probs, k, replacement=True, generator=gen)
         return ids, torch.log(k * self.prob(ids))
 
 
@@ -242,7 +245,9 @@ def sampled_softmax_ce(u: torch.Tensor, V_pos: torch.Tensor, target: torch.Tenso
     * sampled (``neg_ids`` [k], ``V_neg`` [k, N], ``neg_log_q`` [k] = ``log(k q(id))``,
       from :class:`NegativeSampler`), shared by all rows.
 
-    With the correction the sum over the negatives' ``exp(logit - log Q)`` estimates
+    With several sources, each candidate's log-Q is the log of its expected count over
+    all of them (``n_rows * p_data(item) + k * q(item)``): then the sum over the
+    negatives' ``exp(logit - log Q)`` estimates
     the full softmax's sum over all other items without bias, so the loss and its
     gradient converge to the full softmax's as the candidates grow.
     ``mask_hits`` (default) removes every candidate whose item is the row's own

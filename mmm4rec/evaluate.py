@@ -49,6 +49,8 @@ def evaluate(model: RecModel, batches: Iterable[Batch | Mapping], ks=DEFAULT_KS,
     """
     was_training = model.training
     model.eval()
+    if ranking is None and hasattr(model, "ranking"):   # a model whose catalog is sharded ranks it so
+        ranking = model.ranking(item_chunk_size, mask_history)
     ranking = ranking or target_ranks_all_items(model, item_chunk_size, mask_history)
     acc = RankingMetrics(ks)
     for batch in batches:
