@@ -21,8 +21,9 @@ users per rank against all items (``sharded_target_ranks``).
 
     python benchmarks/catalog.py --items 100000 1000000 --procs 1 2 [--markdown out.md]
 
-Memory is the peak resident set of each process minus its resident set after start-up
-(imports, process group), the largest over the ranks; features are stored in
+Memory is the peak resident set of each process over its training steps minus its
+resident set after start-up (imports, process group), the largest over the ranks (the
+table's shard is part of it); features are stored in
 ``--feature-dtype`` (16 bit by default, as ``tables.feature_dtype: fp16``).
 """
 from __future__ import annotations
@@ -154,7 +155,7 @@ def _measure(rank: int, ws: int, args) -> dict:
         dense.zero_grad(set_to_none=True)
         user.zero_grad(set_to_none=True)
         del u, V, loss
-    out = {"step_s": sum(times[1:]) / max(1, len(times) - 1)}
+    out = {"step_s": sum(times[1:]) / max(1, len(times) - 1), "peak_mb": _peak_mb() - base}   # training only
     if args.path == "vocab" and args.eval_users:
         with torch.no_grad():
             tdist.barrier()
@@ -169,7 +170,6 @@ def _measure(rank: int, ws: int, args) -> dict:
                 done += b
             tdist.barrier()
             out["eval_users_s"] = args.eval_users * ws / (time.perf_counter() - t0)
-    out["peak_mb"] = _peak_mb() - base
     return out
 
 
