@@ -156,6 +156,11 @@ class Parts:
     notes: list
 
 
+#: feature rows read and copied into the table at a time at start-up (start-up memory:
+#: the rank's table shard + one block + one item shard)
+_FEATURE_BLOCK = 1 << 20
+
+
 def train_item_counts(url: str, storage, env, num_items: int):
     """How often each item is a training target ([num_items + 1] float64; the log-Q of
     ``train.loss: sampled``): each rank counts the sequence shards ``rank, rank + W, ...``
@@ -210,15 +215,17 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
 
     tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed, dense_optimizer=cfg.train.optimizer)
     feature_names = [s.name for s in specs if s.kind == "feature"]
-    if feature_names:   # this rank's rows only, from the item shards that hold them
+    if feature_names:   # this rank's rows only, from the item shards that hold them, a block at a time
         from mmm4rec.models.base import item_table_features
 
         lo, hi = tables.feature_rows()
-        rows = load_item_rows(url, lo, hi, storage, manifest=manifest,
-                              dtype=np.float16 if cfg.tables.feature_dtype == "fp16" else np.float32)
-        tables.load_features(item_table_features(rows, feature_names, image_dim=getattr(model_cfg, "image_dim", None)),
-                             row_offset=lo)
-        del rows
+        block = _FEATURE_BLOCK
+        for a in range(lo, hi, block):
+            rows = load_item_rows(url, a, min(hi, a + block), storage, manifest=manifest,
+                                  dtype=np.float16 if cfg.tables.feature_dtype == "fp16" else np.float32)
+            tables.load_features(item_table_features(rows, feature_names,
+                                                     image_dim=getattr(model_cfg, "image_dim", None)), row_offset=a)
+            del rows
     counts = None
     if cfg.train.loss == "sampled" and cfg.train.sampled.needs_counts:
         counts = train_item_counts(url, storage, env, int(manifest["num_items"]))

@@ -237,8 +237,8 @@ class ShardedItemTables:
     @torch.no_grad()
     def load_features(self, features: dict[str, np.ndarray], row_offset: int = 0) -> None:
         """Fill the frozen columns from ``{spec name: rows [n, dim]}`` (numpy or torch),
-        the global rows ``row_offset .. row_offset + n - 1`` (all rows, or at least this
-        rank's: :meth:`feature_rows`); each rank copies only the rows it owns."""
+        the global rows ``row_offset .. row_offset + n - 1``; each rank copies the rows
+        it owns among them (so a rank may load its :meth:`feature_rows` block by block)."""
         for t in self.packed:
             if t.kind != FEATURE:
                 continue
@@ -252,12 +252,11 @@ class ShardedItemTables:
                                      f"0..{c.spec.num_rows - 1} (num_items + 1 rows), got {tuple(src.shape)} "
                                      f"from row {row_offset}")
                 for lo, w in self.local_shards(t.name):
-                    if w.shape[0] and not (row_offset <= lo and lo + w.shape[0] <= row_offset + n):
-                        raise ValueError(f"item table '{c.spec.name}': rows {row_offset}..{row_offset + n - 1} "
-                                         f"do not cover this rank's rows {lo}..{lo + w.shape[0] - 1}")
-                    a = lo - row_offset
-                    rows = torch.as_tensor(np.asarray(src[a:a + w.shape[0]], dtype=np.float32))
-                    w[:, c.start:c.stop] = rows.to(w.device, w.dtype)
+                    a, b = max(lo, row_offset), min(lo + w.shape[0], row_offset + n)   # rows in both
+                    if a >= b:
+                        continue
+                    rows = torch.as_tensor(np.asarray(src[a - row_offset:b - row_offset], dtype=np.float32))
+                    w[a - lo:b - lo, c.start:c.stop] = rows.to(w.device, w.dtype)
 
     # ------------------------------------------------------------------ this rank's items
     def local_range(self) -> tuple[int, int] | None:

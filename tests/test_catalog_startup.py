@@ -109,3 +109,43 @@ def test_bad_ranges_and_missing_rows_are_refused(shard_set, tmp_path):
     with pytest.raises(Exception, match="miss 200 of items 0..600"):
         load_item_rows(str(broken), 0, 601)
     load_item_rows(str(broken), 201, 601)                   # other ranges still load
+
+
+# ---------------------------------------------------------------------- the torchrec tables
+def _tables_worker(rank, ws, feature_dtype):
+    import torch
+
+    from dist.config import TablesConfig
+    from dist.env import DistEnv
+    from dist.tables import ShardedItemTables
+    from mmm4rec.models.base import TableSpec
+
+    rows = 101
+    specs = [TableSpec("text", rows, 6, "feature"), TableSpec("modality_mask", rows, 2, "feature"),
+             TableSpec("id_text", rows, 4, "trainable", "normal")]
+    env = DistEnv(rank=rank, world_size=ws, local_rank=0, device=torch.device("cpu"))
+    tables = ShardedItemTables(specs, TablesConfig(feature_dtype=feature_dtype), env, seed=3)
+    g = np.random.default_rng(0)
+    src = {"text": g.standard_normal((rows, 6)).astype(np.float32), "modality_mask": np.ones((rows, 2), np.float32)}
+    lo, hi = tables.feature_rows()
+    for a in range(lo, hi, 7):          # block by block, as dist/build.py does
+        tables.load_features({k: v[a:min(hi, a + 7)] for k, v in src.items()}, row_offset=a)
+    mine = tables.rows_of_range(*tables.local_range())
+    looked = tables.lookup(torch.arange(*tables.local_range()))
+    return {"range": tables.local_range(), "feature_rows": (lo, hi), "mine": {k: v.detach() for k, v in mine.items()},
+            "looked": {k: v.detach() for k, v in looked.items()}, "text": torch.from_numpy(src["text"][lo:hi])}
+
+
+@pytest.mark.parametrize("ws,feature_dtype", [(2, "fp32"), (3, "fp16")])
+def test_each_rank_loads_and_reads_only_its_table_rows(ws, feature_dtype):
+    import torch
+    from test_catalog import run_group
+
+    out = run_group(ws, _tables_worker, feature_dtype)
+    assert [o["range"] for o in out] == even_ranges(101, ws) == [o["feature_rows"] for o in out]
+    for o in out:
+        tol = 1e-3 if feature_dtype == "fp16" else 0.0
+        assert torch.allclose(o["mine"]["text"], o["text"], atol=tol, rtol=tol)
+        for k in ("text", "modality_mask", "id_text"):      # the local read = torchrec's lookup
+            assert torch.equal(o["mine"][k], o["looked"][k]), k
+        assert o["mine"]["id_text"].abs().sum() > 0          # trainable rows initialised
