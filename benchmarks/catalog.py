@@ -175,6 +175,27 @@ def _measure(rank: int, ws: int, args) -> dict:
     return out
 
 
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    return float("inf")
+
+
+def estimate_gb(args, items: int, ws: int, path: str) -> float:
+    """Rough memory of a row (all ranks): the table shards, and per path the rows and
+    activations a rank keeps for backward (about 8 [n, hidden] fp32 tensors)."""
+    d, n_h = args.text_dim, args.hidden
+    s = 2 if args.feature_dtype == "fp16" else 4
+    per_rank = items / ws * d * s
+    if path == "allitems":
+        per_rank += items * (2 * d * 4 + 8 * n_h * 4)
+    elif path == "vocab":
+        per_rank += items / ws * (d * 4 + 8 * n_h * 4)
+    return ws * (per_rank / 2 ** 30 + 0.5)
+
+
 def run(args, items: int, ws: int, path: str) -> dict:
     import torch.multiprocessing as mp
 
@@ -222,6 +243,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     ap.add_argument("--max-allitems", type=int, default=1_000_000, help="largest catalog for the allitems path")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--memory-fraction", type=float, default=0.7,
+                    help="skip a row whose estimated memory exceeds this fraction of the available memory")
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args()
     load = os.getloadavg()[0]
@@ -235,8 +258,11 @@ def main() -> None:
     for items in args.items:
         for ws in args.procs:
             for path in args.paths:
+                need, have = estimate_gb(args, items, ws, path), _available_gb()
                 if path == "allitems" and items > args.max_allitems:
                     r = {"error": f"not run (> --max-allitems {args.max_allitems}: does not fit)"}
+                elif need > args.memory_fraction * have:
+                    r = {"error": f"not run: needs ~{need:.1f} GB, {have:.1f} GB available (machine shared)"}
                 else:
                     r = run(args, items, ws, path)
                 results[items, ws, path] = r

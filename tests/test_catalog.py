@@ -248,6 +248,40 @@ def test_sampled_softmax_log_q_partition_is_unbiased():
             assert abs(est.mean() - exact) > 20 * se
 
 
+def test_sampled_softmax_mixed_sources_partition_is_unbiased():
+    """In-batch negatives (the other rows' targets, drawn from the data's popularity)
+    plus uniform negatives: with each candidate's log-Q = log((n - 1) p(item) + k q(item))
+    (what dist.model.DistRecModel passes), the partition estimate of row 0 stays unbiased;
+    correcting each source on its own would count the negatives twice."""
+    u, V, target, pop = _exact_and_sampler(1.0)
+    uni = catalog.NegativeSampler(pop.num_items, seed=4)
+    n, k = 6, 3
+    logits = (u @ V.T)[0]
+    exact = torch.exp(logits[1:]).sum().double()
+    ests = {"mixed": [], "separate": []}
+    for _ in range(20000):
+        others = pop.sample(n - 1)[0]
+        ids = uni.sample(k)[0]
+        t = torch.cat([target, others])
+        users = u.expand(n, -1)
+
+        def lq(items):
+            return torch.log((n - 1) * pop.prob(items) + k * uni.prob(items)).float()
+        for name, (lq_t, lq_n) in {"mixed": (lq(t), lq(ids)),
+                                   "separate": (torch.log((n - 1) * pop.prob(t)).float(),
+                                                torch.log(k * uni.prob(ids)).float())}.items():
+            ce = catalog.sampled_softmax_ce(users, V[t], t, inbatch_log_q=lq_t, neg_ids=ids, V_neg=V[ids],
+                                            neg_log_q=lq_n)
+            ests[name].append(torch.exp(ce[0] + logits[target[0]]).double())
+    for name, est in ests.items():
+        est = torch.stack(est)
+        se = est.std() / len(est) ** 0.5
+        if name == "mixed":
+            assert abs(est.mean() - exact) < 4 * se, (float(est.mean()), float(exact), float(se))
+        else:
+            assert est.mean() - exact > 20 * se
+
+
 def test_sampled_softmax_expected_gradient_matches_full_softmax():
     """The gradient of the corrected sampled loss (w.r.t. the user vector and the item
     vectors), averaged over many draws, equals the full-softmax gradient within the
