@@ -4,6 +4,8 @@
 
     rows = tables.lookup(ids)                 torchrec: sharded rows, plain tensors out
     u, V = engine(seq=SeqInput, items=rows)   DeepSpeed: the model's dense part
+                                              (full softmax / evaluation: V of this rank's
+                                              own item rows only, mmm4rec/catalog.py)
     loss = sum(weight * CE(u, V)) / (global weight / world)   (mmm4rec.losses)
     engine.backward(loss)                     dense grads (ZeRO) + table row grads accumulated
     tables.step(); engine.step()              at accumulation boundaries: one update of each
@@ -27,6 +29,8 @@ from mmm4rec.models.base import SeqInput
 from .engine import autocast
 
 __all__ = ["DistRecModel", "build_dense"]
+
+_ITEM_CHUNK = 65536   # items encoded / scored at a time by the vocab-parallel softmax
 
 
 def build_dense(model_type: str, config) -> tuple[torch.nn.Module, list]:
@@ -95,9 +99,9 @@ class DistRecModel:
             local = batch.weight.float().sum()
             normaliser = self.env.all_reduce_sum(local.detach().clone()).clamp(min=1.0) / self.env.world_size
         encode = self.forward
-        if kind == "full":
+        if kind == "full":   # logits [world x batch, chunk] at a time (default 65,536 items)
             kind, lo = "vocab_parallel", self.item_range[0]
-            options = {**options, "item_offset": lo}
+            options = {**options, "item_offset": lo, "chunk_size": options.get("chunk_size") or _ITEM_CHUNK}
 
             def encode(b, _ids):
                 seq = SeqInput.from_batch(b, self.tables.lookup(b.item_seq))
@@ -164,7 +168,7 @@ class DistRecModel:
         lo, hi = self.item_range
         if self.tables.local_range() is None:     # rows looked up: one collective call per rank
             return self._dense(None, self.tables.rows_of_range(lo, hi))[1]
-        step = max(1, chunk_size or 65536)
+        step = max(1, chunk_size or _ITEM_CHUNK)
         parts = [self._dense(None, self.tables.rows_of_range(a, min(hi, a + step)))[1] for a in range(lo, hi, step)]
         if not parts:
             N = self.config.hidden_size
