@@ -184,7 +184,7 @@ class ShardedItemTables:
         self.device = env.device
         root, sharders, planner = table_planner(self.packed, cfg, env)
         pg = tdist.GroupMember.WORLD
-        plan = planner.collective_plan(root, sharders, pg)
+        plan = run_planner(lambda: planner.collective_plan(root, sharders, pg), cfg)
         self.dmp = DistributedModelParallel(root, env=ShardingEnv.from_process_group(pg), plan=plan,
                                             sharders=sharders, device=self.device)
         self.plan = plan
@@ -549,6 +549,22 @@ def table_planner(packed: list[PackedTable], cfg: TablesConfig, env):
     constraints = {t.name: ParameterConstraints(sharding_types=[sharding]) for t in packed}
     planner = EmbeddingShardingPlanner(topology=_topology(env, cfg.memory_per_rank_gb), constraints=constraints)
     return root, [EmbeddingCollectionSharder()], planner
+
+
+def run_planner(plan_fn, cfg: TablesConfig):
+    """``plan_fn()`` (torchrec's planner); a plan that does not fit the memory given
+    (``tables.memory_per_rank_gb``) is a ConfigError naming the setting."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    from mmm4rec.config import ConfigError
+
+    try:
+        return plan_fn()
+    except PlannerError as e:
+        first = " ".join(str(e).split())[:400]
+        raise ConfigError(f"tables: torchrec's planner finds no plan for the item tables within "
+                          f"memory_per_rank_gb={cfg.memory_per_rank_gb:g} per rank ({first}); give the tables "
+                          f"more memory, more processes, or feature_dtype: fp16") from None
 
 
 def _topology(env, memory_gb: float = 0.0):

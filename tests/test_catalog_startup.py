@@ -149,3 +149,31 @@ def test_each_rank_loads_and_reads_only_its_table_rows(ws, feature_dtype):
         for k in ("text", "modality_mask", "id_text"):      # the local read = torchrec's lookup
             assert torch.equal(o["mine"][k], o["looked"][k]), k
         assert o["mine"]["id_text"].abs().sum() > 0          # trainable rows initialised
+
+
+def test_planner_is_told_the_memory_per_rank():
+    """tables.memory_per_rank_gb reaches torchrec's planner: 10^6 items x (384 + 64)
+    columns on 2 ranks (~0.9 GB of rows per rank) plan within 1 GB, not within 0.5 GB
+    (a ConfigError naming the setting), and fp16 features fit 0.5 GB."""
+    import torch
+
+    from dist.config import TablesConfig
+    from dist.tables import pack_specs, run_planner, table_planner
+    from mmm4rec.config import ConfigError
+    from mmm4rec.models.base import TableSpec
+
+    class Env:
+        world_size, device = 2, torch.device("cpu")
+
+    packed = pack_specs([TableSpec("text", 1_000_001, 384, "feature"),
+                         TableSpec("id_text", 1_000_001, 64, "trainable", "normal")])
+
+    def plan(**kw):
+        cfg = TablesConfig(**kw)
+        root, sharders, planner = table_planner(packed, cfg, Env())
+        return run_planner(lambda: planner.plan(root, sharders), cfg)
+
+    plan(memory_per_rank_gb=1.0)
+    with pytest.raises(ConfigError, match="memory_per_rank_gb=0.5"):
+        plan(memory_per_rank_gb=0.5)
+    plan(memory_per_rank_gb=0.5, feature_dtype="fp16")
