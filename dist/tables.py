@@ -202,9 +202,13 @@ class ShardedItemTables:
         return out
 
     def local_shards(self, table: str) -> list[tuple[int, torch.Tensor]]:
-        """``[(first global row, tensor [rows, dim])]`` of this rank (views: writes go to the table)."""
-        st = self._weights()[table]
-        return [(int(s.metadata.shard_offsets[0]), s.tensor) for s in st.local_shards()]
+        """``[(first global row, tensor [rows, dim])]`` of this rank (views: writes go to the
+        table; the fused optimizers update them in place, so they are looked up once)."""
+        cache = self.__dict__.setdefault("_local_shards", {})
+        if table not in cache:
+            st = self._weights()[table]
+            cache[table] = [(int(s.metadata.shard_offsets[0]), s.tensor) for s in st.local_shards()]
+        return cache[table]
 
     def _optimizer_states(self) -> dict[str, dict[str, object]]:
         """table name -> {state name: ShardedTensor} of the fused optimizer (views)."""
