@@ -20,7 +20,7 @@ from .interactions import (
 from .items import ItemTable
 from .loader import SequenceLoader
 from .samples import collate, expand
-from .shards import build_shards, iter_sequences, load_item_table, read_manifest
+from .shards import ItemRows, build_shards, iter_sequences, load_item_rows, load_item_table, read_manifest
 
 __all__ = [
     "SAMPLE_DATASETS",
@@ -48,5 +48,7 @@ __all__ = [
     "import_dataset",
     "iter_sequences",
     "load_item_table",
+    "load_item_rows",
+    "ItemRows",
     "read_manifest",
 ]

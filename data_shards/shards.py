@@ -14,6 +14,7 @@ See ``docs/data.md`` for the manifest schema.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -39,6 +40,8 @@ __all__ = [
     "check_item_ids",
     "decode_sequence",
     "iter_sequences",
+    "ItemRows",
+    "load_item_rows",
     "load_item_table",
     "read_manifest",
     "read_shard_records",
@@ -314,6 +317,67 @@ def load_item_table(url: str, storage_options: Mapping[str, Any] | None = None, 
     return ItemTable(text=text, text_mask=text_mask, image=image, image_mask=image_mask, item_ids=item_ids,
                      item_text=item_text, domain=domain, text_encoder=feats["text"]["encoder"],
                      image_encoder=feats["image"]["encoder"])
+
+
+@dataclasses.dataclass(eq=False)
+class ItemRows:
+    """Feature rows ``lo .. hi - 1`` of a shard set's item table (global item ids; row
+    0 is the padding row: zero features, masks False). What one process of a sharded
+    job loads: ``text`` / ``image`` [hi - lo, dim] (``image`` None when the set has none)."""
+
+    lo: int
+    hi: int
+    text: np.ndarray
+    text_mask: np.ndarray
+    image: np.ndarray | None
+    image_mask: np.ndarray
+
+
+def load_item_rows(url: str, lo: int, hi: int, storage_options: Mapping[str, Any] | None = None, *,
+                   verify: bool = True, dtype=np.float32, manifest: Mapping[str, Any] | None = None) -> ItemRows:
+    """Feature rows ``lo .. hi - 1`` of a shard set, reading only the item shards that
+    hold them (the builder writes items in contiguous id ranges, ``first_item`` /
+    ``num_items`` in the manifest), one shard at a time: memory is the rows asked for
+    plus one shard, whatever the catalog's size. ``dtype`` (float32 or float16) is the
+    type the rows are kept in."""
+    store = Store(url, storage_options)
+    m = manifest or read_manifest(url, store=store)
+    n = int(m["num_items"])
+    if not 0 <= lo <= hi <= n + 1:
+        raise ValueError(f"load_item_rows: rows {lo}..{hi - 1} outside 0..{n} (num_items {n})")
+    feats = m["features"]
+    rows = hi - lo
+    text = np.zeros((rows, feats["text"]["dim"]), dtype)
+    image = np.zeros((rows, feats["image"]["dim"]), dtype) if feats["image"]["dim"] else None
+    text_mask, image_mask = np.zeros(rows, bool), np.zeros(rows, bool)
+    seen = np.zeros(rows, bool)
+    seen[:max(0, 1 - lo)] = True                   # the padding row
+    for entry in m["items"]["shards"]:
+        first, count = int(entry["first_item"]), int(entry["num_items"])
+        if first + count <= lo or first >= hi:
+            continue
+        where = store.display(entry["path"])
+        for rec in read_shard_records(store, entry, verify):
+            ids = _load_npy(rec, "ids.npy", where)
+            if ids.size and (ids.min() < 1 or ids.max() > n):
+                raise ShardError(f"{where}:{rec['__key__']}", f"item ids outside 1..{n}")
+            take = (ids >= lo) & (ids < hi)
+            if not take.any():
+                continue
+            at = ids[take] - lo
+            part = _load_npy(rec, "text.npy", where)[take]
+            check_finite_features(part, "text", f"{where}:{rec['__key__']}", ids[take])
+            text[at] = part
+            text_mask[at] = _load_npy(rec, "text_mask.npy", where)[take]
+            image_mask[at] = _load_npy(rec, "image_mask.npy", where)[take]
+            if image is not None:
+                part = _load_npy(rec, "image.npy", where)[take]
+                check_finite_features(part, "image", f"{where}:{rec['__key__']}", ids[take])
+                image[at] = part
+            seen[at] = True
+    if not seen.all():
+        raise ShardError(store.url, f"item shards miss {int((~seen).sum())} of items {lo}..{hi - 1}")
+    return ItemRows(lo, hi, text, text_mask, image, image_mask)
 
 
 def iter_sequences(url: str, storage_options: Mapping[str, Any] | None = None, *,

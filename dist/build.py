@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmm4rec import export_format
@@ -156,9 +157,35 @@ class Parts:
     notes: list
 
 
+#: feature rows read and copied into the table at a time at start-up (start-up memory:
+#: the rank's table shard + one block + one item shard)
+_FEATURE_BLOCK = 1 << 20
+
+
+def train_item_counts(url: str, storage, env, num_items: int):
+    """How often each item is a training target ([num_items + 1] float64; the log-Q of
+    ``train.loss: sampled``): each rank counts the sequence shards ``rank, rank + W, ...``
+    (one pass), then one all-reduce."""
+    import torch
+
+    from data_shards import read_manifest
+    from data_shards.samples import target_positions
+    from data_shards.shards import decode_sequence, read_shard_records
+    from data_shards.storage import Store
+
+    store = Store(url, storage)
+    counts = np.zeros(num_items + 1, np.float64)
+    for entry in read_manifest(url, store=store)["sequences"]["shards"][env.rank::env.world_size]:
+        where = store.display(entry["path"])
+        for rec in read_shard_records(store, entry):
+            items = decode_sequence(rec, where)["items"]
+            np.add.at(counts, items[list(target_positions(len(items), "train"))], 1.0)
+    return env.all_reduce_sum(torch.from_numpy(counts))
+
+
 def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> Parts:
     """Data, model config, ``init_from`` weights, torchrec tables, DeepSpeed engine."""
-    from data_shards import SequenceLoader, load_item_table, read_manifest
+    from data_shards import SequenceLoader, load_item_rows, read_manifest
 
     from .engine import build_engine, resolve_precision
     from .env import seed_everything
@@ -189,14 +216,24 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
 
     tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed, dense_optimizer=cfg.train.optimizer)
     feature_names = [s.name for s in specs if s.kind == "feature"]
-    if feature_names:
+    if feature_names:   # this rank's rows only, from the item shards that hold them, a block at a time
         from mmm4rec.models.base import item_table_features
 
-        tables.load_features(item_table_features(load_item_table(url, storage), feature_names,
-                                                 image_dim=getattr(model_cfg, "image_dim", None)))
+        lo, hi = tables.feature_rows()
+        block = _FEATURE_BLOCK
+        for a in range(lo, hi, block):
+            rows = load_item_rows(url, a, min(hi, a + block), storage, manifest=manifest,
+                                  dtype=np.float16 if cfg.tables.feature_dtype == "fp16" else np.float32)
+            tables.load_features(item_table_features(rows, feature_names,
+                                                     image_dim=getattr(model_cfg, "image_dim", None)), row_offset=a)
+            del rows
+    counts = None
+    if cfg.train.loss == "sampled" and cfg.train.sampled.needs_counts:
+        counts = train_item_counts(url, storage, env, int(manifest["num_items"]))
     ds_config = finalize_deepspeed_config(ds_json, cfg, env.world_size)
     engine = build_engine(dense, cfg, ds_config, total_steps)
     seed_everything(cfg.train.seed, rank=env.rank)   # per-rank dropout streams
-    model = DistRecModel(model_type, model_cfg, tables, engine, env, precision)
+    model = DistRecModel(model_type, model_cfg, tables, engine, env, precision, sampled=cfg.train.sampled,
+                         item_counts=counts)
     return Parts(cfg, env, url, manifest, model_type, model_cfg, model, loaders, steps_per_epoch, total_steps,
                  ds_config, precision, notes)

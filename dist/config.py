@@ -38,7 +38,8 @@ from mmm4rec.paths import REPO_ROOT, cache_dir
 
 _log = logging.getLogger(__name__)
 __all__ = ["ExperimentConfig", "DataSection", "TablesConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
-           "EvalConfig", "CheckpointConfig", "TrackersConfig", "WandbConfig", "MlflowConfig", "load_experiment",
+           "EvalConfig", "SampledConfig", "CheckpointConfig", "TrackersConfig", "WandbConfig", "MlflowConfig",
+           "load_experiment",
            "resolve_model_config", "load_deepspeed_config", "deepspeed_overlap", "finalize_deepspeed_config",
            "REPO_ROOT", "SAMPLE_NAMES"]
 
@@ -99,18 +100,29 @@ class TablesConfig:
     * ``adagrad`` / ``rowwise_adagrad`` / ``sgd`` (everywhere), ``adam`` (GPU only:
       fbgemm's CPU kernels do not implement it): fbgemm's row-wise sparse optimizers,
       fed the accumulated gradient of the rows the step touched: for huge catalogs.
+      ``rowwise_adagrad`` (the default) keeps one accumulator per row; ``adagrad`` one per
+      element, doubling the table's memory.
+
+    ``feature_dtype: fp16`` stores the frozen feature table in 16 bit (looked-up rows are
+    computed in fp32); ``memory_per_rank_gb`` tells torchrec's planner the memory each
+    rank may give the tables (it refuses a plan that does not fit, before training).
 
     ``lr`` follows the dense LR schedule (warm-up/decay multiplier) when ``follow_schedule``.
     """
 
     sharding: Literal["row_wise", "table_wise"] = "row_wise"
-    optimizer: Literal["dense", "adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
+    optimizer: Literal["dense", "adagrad", "rowwise_adagrad", "sgd", "adam"] = "rowwise_adagrad"
     lr: float = 0.01
     weight_decay: float = 0.0
     eps: float = 1e-8
     follow_schedule: bool = True
+    feature_dtype: Literal["fp32", "fp16"] = "fp32"   # storage of the frozen feature table (fp16: half)
+    memory_per_rank_gb: float = 0.0                   # memory the tables may use per rank (torchrec planner; 0 default)
 
     def validate(self) -> None:
+        if self.memory_per_rank_gb < 0:
+            raise ConfigError(f"memory_per_rank_gb: must be >= 0 (0 = the planner's default), got "
+                              f"{self.memory_per_rank_gb}")
         if self.lr < 0:
             raise ConfigError(f"lr: must be >= 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -158,11 +170,45 @@ class ScheduleConfig:
 
 
 @dataclass
+class SampledConfig:
+    """``train.loss: sampled``: a softmax over each row's positive and sampled negatives,
+    with the log-Q correction (``mmm4rec.catalog.sampled_softmax_ce``; docs/training.md).
+
+    ``negatives`` ids per micro-batch and rank (shared by its rows) drawn by ``sampler``
+    (``uniform`` over 1..|I|, or ``popularity``: by training-target count ** ``alpha``);
+    ``inbatch``: the batch's other targets are negatives too (``gather``: every rank's);
+    ``log_q``: subtract each negative's log expected count (needs the item counts for
+    in-batch and popularity negatives: one pass over the train sequences at start-up);
+    ``mask_hits``: a negative that is the row's own target is removed (any source)."""
+
+    negatives: int = 1024
+    sampler: Literal["uniform", "popularity"] = "uniform"
+    alpha: float = 1.0
+    inbatch: bool = True
+    gather: bool = False
+    log_q: bool = True
+    mask_hits: bool = True
+
+    def validate(self) -> None:
+        if self.negatives < 0:
+            raise ConfigError(f"negatives: must be >= 0, got {self.negatives}")
+        if self.negatives == 0 and not self.inbatch:
+            raise ConfigError("negatives: 0 with inbatch: false leaves no negatives")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha: must be >= 0, got {self.alpha}")
+
+    @property
+    def needs_counts(self) -> bool:
+        return (self.negatives > 0 and self.sampler == "popularity") or (self.inbatch and self.log_q)
+
+
+@dataclass
 class TrainConfig:
     """How to train. ``data.batch_size`` is the micro-batch per rank; the global batch
     is ``batch_size * gradient_accumulation_steps * world_size``."""
 
-    loss: Literal["full", "inbatch"] = "full"          # full softmax (fine-tune) / in-batch (pretrain)
+    loss: Literal["full", "inbatch", "sampled"] = "full"   # full softmax (vocab-parallel) / in-batch / sampled
+    sampled: SampledConfig = field(default_factory=SampledConfig)   # loss: sampled
     mask_duplicates: bool = False                      # in-batch: mask repeats of the positive
     loss_chunk_size: int | None = None              # full softmax over item chunks (huge catalogs)
     epochs: int = 100
@@ -349,6 +395,9 @@ class ExperimentConfig:
                               f"{self.data.max_len} (set one of them)")
         if self.train.loss == "inbatch" and self.data.batch_size < 2:
             raise ConfigError("data.batch_size: the in-batch loss needs at least 2 rows per batch")
+        if (self.train.loss == "sampled" and self.train.sampled.negatives == 0 and not self.train.sampled.gather
+                and self.data.batch_size < 2):
+            raise ConfigError("data.batch_size: in-batch negatives alone need at least 2 rows per batch")
 
     def to_dict(self) -> dict:
         return to_dict(self)

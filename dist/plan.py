@@ -88,7 +88,7 @@ def _fmt_bytes(n: float) -> str:
 
 def _table_plan(packed, cfg: ExperimentConfig, world_size: int, device) -> list[dict]:
     """Rows and bytes of every packed table on every rank, from torchrec's planner."""
-    from .tables import table_planner
+    from .tables import FEATURE, run_planner, table_planner
 
     env = SimpleNamespace(world_size=world_size, device=device)
     planner_log = logging.getLogger("torchrec.distributed.planner")
@@ -99,7 +99,7 @@ def _table_plan(packed, cfg: ExperimentConfig, world_size: int, device) -> list[
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             root, sharders, planner = table_planner(packed, cfg.tables, env)
-            plan = planner.plan(root, sharders)
+            plan = run_planner(lambda: planner.plan(root, sharders), cfg.tables)
     finally:
         planner_log.setLevel(level)
     out = []
@@ -112,7 +112,8 @@ def _table_plan(packed, cfg: ExperimentConfig, world_size: int, device) -> list[
             rows[rank] += int(shard.shard_sizes[0])
         out.append({"name": t.name, "kind": t.kind, "rows": t.num_rows, "dim": t.dim,
                     "sharding": ps.sharding_type, "rows_per_rank": rows,
-                    "bytes_per_rank": [r * t.dim * 4 for r in rows]})
+                    "bytes_per_rank": [r * t.dim * (2 if t.kind == FEATURE and cfg.tables.feature_dtype == "fp16"
+                                                    else 4) for r in rows]})
     return out
 
 

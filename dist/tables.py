@@ -118,14 +118,18 @@ def init_rows(spec: TableSpec, lo: int, hi: int, seed: int) -> torch.Tensor:
 class _TablesRoot(nn.Module):
     """What DistributedModelParallel wraps: one EmbeddingCollection per packed table."""
 
-    def __init__(self, packed: list[PackedTable], device: torch.device):
+    def __init__(self, packed: list[PackedTable], device: torch.device, feature_dtype: str = "fp32"):
         super().__init__()
         from torchrec import EmbeddingCollection, EmbeddingConfig
+        from torchrec.types import DataType
+
+        def dtype(t: PackedTable):
+            return DataType.FP16 if t.kind == FEATURE and feature_dtype == "fp16" else DataType.FP32
 
         self.collections = nn.ModuleDict({
             t.name: EmbeddingCollection(
                 tables=[EmbeddingConfig(num_embeddings=t.num_rows, embedding_dim=t.dim, name=t.name,
-                                        feature_names=[f"{t.name}.item"])],
+                                        feature_names=[f"{t.name}.item"], data_type=dtype(t))],
                 device=device)
             for t in packed})
 
@@ -180,7 +184,7 @@ class ShardedItemTables:
         self.device = env.device
         root, sharders, planner = table_planner(self.packed, cfg, env)
         pg = tdist.GroupMember.WORLD
-        plan = planner.collective_plan(root, sharders, pg)
+        plan = run_planner(lambda: planner.collective_plan(root, sharders, pg), cfg)
         self.dmp = DistributedModelParallel(root, env=ShardingEnv.from_process_group(pg), plan=plan,
                                             sharders=sharders, device=self.device)
         self.plan = plan
@@ -198,9 +202,13 @@ class ShardedItemTables:
         return out
 
     def local_shards(self, table: str) -> list[tuple[int, torch.Tensor]]:
-        """``[(first global row, tensor [rows, dim])]`` of this rank (views: writes go to the table)."""
-        st = self._weights()[table]
-        return [(int(s.metadata.shard_offsets[0]), s.tensor) for s in st.local_shards()]
+        """``[(first global row, tensor [rows, dim])]`` of this rank (views: writes go to the
+        table; the fused optimizers update them in place, so they are looked up once)."""
+        cache = self.__dict__.setdefault("_local_shards", {})
+        if table not in cache:
+            st = self._weights()[table]
+            cache[table] = [(int(s.metadata.shard_offsets[0]), s.tensor) for s in st.local_shards()]
+        return cache[table]
 
     def _optimizer_states(self) -> dict[str, dict[str, object]]:
         """table name -> {state name: ShardedTensor} of the fused optimizer (views)."""
@@ -221,10 +229,20 @@ class ShardedItemTables:
                 for c in t.columns:
                     w[:, c.start:c.stop] = init_rows(c.spec, lo, lo + w.shape[0], self.seed).to(w)
 
+    def feature_rows(self) -> tuple[int, int]:
+        """``(lo, hi)``: the global rows of the frozen feature table this rank holds (its
+        shards' span; ``(0, 0)`` when it holds none): what it reads at start-up."""
+        spans = [(lo, lo + w.shape[0]) for t in self.packed if t.kind == FEATURE
+                 for lo, w in self.local_shards(t.name) if w.shape[0]]
+        if not spans:
+            return 0, 0
+        return min(a for a, _ in spans), max(b for _, b in spans)
+
     @torch.no_grad()
-    def load_features(self, features: dict[str, np.ndarray]) -> None:
-        """Fill the frozen columns from ``{spec name: [num_rows, dim]}`` (numpy or torch);
-        each rank copies only the rows it owns."""
+    def load_features(self, features: dict[str, np.ndarray], row_offset: int = 0) -> None:
+        """Fill the frozen columns from ``{spec name: rows [n, dim]}`` (numpy or torch),
+        the global rows ``row_offset .. row_offset + n - 1``; each rank copies the rows
+        it owns among them (so a rank may load its :meth:`feature_rows` block by block)."""
         for t in self.packed:
             if t.kind != FEATURE:
                 continue
@@ -232,12 +250,54 @@ class ShardedItemTables:
                 if c.spec.name not in features:
                     raise ValueError(f"item tables: no '{c.spec.name}' features given (have {sorted(features)})")
                 src = features[c.spec.name]
-                if tuple(src.shape) != (c.spec.num_rows, c.spec.dim):
-                    raise ValueError(f"item table '{c.spec.name}': expected shape ({c.spec.num_rows}, "
-                                     f"{c.spec.dim}) (num_items + 1, dim), got {tuple(src.shape)}")
+                n = src.shape[0]
+                if src.ndim != 2 or src.shape[1] != c.spec.dim or row_offset + n > c.spec.num_rows:
+                    raise ValueError(f"item table '{c.spec.name}': expected rows of shape (n, {c.spec.dim}) within "
+                                     f"0..{c.spec.num_rows - 1} (num_items + 1 rows), got {tuple(src.shape)} "
+                                     f"from row {row_offset}")
                 for lo, w in self.local_shards(t.name):
-                    rows = torch.as_tensor(np.asarray(src[lo:lo + w.shape[0]]), dtype=torch.float32)
-                    w[:, c.start:c.stop] = rows.to(w.device)
+                    a, b = max(lo, row_offset), min(lo + w.shape[0], row_offset + n)   # rows in both
+                    if a >= b:
+                        continue
+                    rows = torch.as_tensor(np.asarray(src[a - row_offset:b - row_offset], dtype=np.float32))
+                    w[a - lo:b - lo, c.start:c.stop] = rows.to(w.device, w.dtype)
+
+    # ------------------------------------------------------------------ this rank's items
+    def local_range(self) -> tuple[int, int] | None:
+        """``(lo, hi)``: the item rows whose every table this rank holds (row-wise sharding:
+        one shard per table, the same rows), or None when the tables are split otherwise
+        (table-wise: then :meth:`rows_of_range` looks the rows up)."""
+        spans = set()
+        for t in self.packed:
+            shards = self.local_shards(t.name)
+            if len(shards) > 1:
+                return None
+            spans.add((shards[0][0], shards[0][0] + shards[0][1].shape[0]) if shards else None)
+        if len(spans) != 1:
+            return None
+        span = spans.pop()
+        return span if span is not None else (self.packed[0].num_rows, self.packed[0].num_rows)
+
+    def rows_of_range(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """``{spec name: rows [hi - lo, dim]}`` of items ``lo .. hi - 1``: read from this
+        rank's own shards when it holds them (no communication), else looked up (then
+        collective: every rank calls it once). Trainable rows are leaves whose gradient
+        is accumulated until :meth:`step`, as with :meth:`lookup`."""
+        own = self.local_range()
+        if own is None or not (own[0] <= lo and hi <= own[1]):
+            return self.lookup(torch.arange(lo, hi, device=self.device))
+        ids = torch.arange(lo, hi, device=self.device)
+        rows: dict[str, torch.Tensor] = {}
+        for t in self.packed:
+            shards = self.local_shards(t.name)
+            w = shards[0][1] if shards else torch.zeros(0, t.dim, device=self.device)
+            v = w[lo - own[0]:hi - own[0]].detach().to(torch.float32)
+            if t.kind == TRAINABLE and torch.is_grad_enabled():
+                v = v.clone().requires_grad_(True)
+                v.register_hook(lambda g, name=t.name, ids=ids: self._accumulate(name, ids, g))
+            for c in t.columns:
+                rows[c.spec.name] = v[:, c.start:c.stop]
+        return rows
 
     # ------------------------------------------------------------------ lookup
     def _raw_lookup(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -258,7 +318,7 @@ class ShardedItemTables:
         out = self._raw_lookup(flat)
         rows: dict[str, torch.Tensor] = {}
         for t in self.packed:
-            v = out[t.name].detach()
+            v = out[t.name].detach().to(torch.float32)   # (an fp16 feature table computes in fp32)
             if t.kind == TRAINABLE and torch.is_grad_enabled():
                 v = v.requires_grad_(True)
                 v.register_hook(lambda g, name=t.name, ids=flat: self._accumulate(name, ids, g))
@@ -481,7 +541,7 @@ def table_planner(packed: list[PackedTable], cfg: TablesConfig, env):
         apply_optimizer_in_backward,
     )
 
-    root = _TablesRoot(packed, torch.device("meta"))
+    root = _TablesRoot(packed, torch.device("meta"), cfg.feature_dtype)
     for t in packed:
         params = root.collections[t.name].parameters()
         if t.kind == FEATURE or cfg.optimizer == "dense":   # frozen, or updated by _dense_step
@@ -491,20 +551,42 @@ def table_planner(packed: list[PackedTable], cfg: TablesConfig, env):
             apply_optimizer_in_backward(cls, params, kwargs)
     sharding = ShardingType.ROW_WISE.value if cfg.sharding == "row_wise" else ShardingType.TABLE_WISE.value
     constraints = {t.name: ParameterConstraints(sharding_types=[sharding]) for t in packed}
-    planner = EmbeddingShardingPlanner(topology=_topology(env), constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=_topology(env, cfg.memory_per_rank_gb), constraints=constraints)
     return root, [EmbeddingCollectionSharder()], planner
 
 
-def _topology(env):
+def run_planner(plan_fn, cfg: TablesConfig):
+    """``plan_fn()`` (torchrec's planner); a plan that does not fit the memory given
+    (``tables.memory_per_rank_gb``) is a ConfigError naming the setting."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    from mmm4rec.config import ConfigError
+
+    try:
+        return plan_fn()
+    except PlannerError as e:
+        first = " ".join(str(e).split())[:400]
+        raise ConfigError(f"tables: torchrec's planner finds no plan for the item tables within "
+                          f"memory_per_rank_gb={cfg.memory_per_rank_gb:g} per rank ({first}); give the tables "
+                          f"more memory, more processes, or feature_dtype: fp16") from None
+
+
+def _topology(env, memory_gb: float = 0.0):
     import os
 
     from torchrec.distributed.planner.types import (
+        HardwareConfig,
         KernelConfig,
         TopologyFactory,
         TrainerConfig,
     )
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or env.world_size)
+    cuda = env.device.type == "cuda"
+    hardware = None
+    if memory_gb:   # the memory each rank may give the tables: the planner fails early if a plan does not fit
+        cap = int(memory_gb * 2 ** 30)
+        hardware = HardwareConfig(hbm_cap_bytes=cap) if cuda else HardwareConfig(ddr_cap_bytes=cap)
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=env.world_size, local_world_size=min(local, env.world_size)),
-        kernel_config=KernelConfig(compute_device="cuda" if env.device.type == "cuda" else "cpu"))
+        hardware_config=hardware, kernel_config=KernelConfig(compute_device="cuda" if cuda else "cpu"))

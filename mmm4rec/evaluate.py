@@ -1,10 +1,11 @@
 """Full-ranking evaluation, one process or many (``mmm4rec.contract.RecModel``).
 
 Each process ranks its own users (its part of the split, from the loader) against
-all items: the item vectors are encoded once per evaluation (in the distributed model
-the table lookups are collective, so every rank encodes every item chunk), then each
-user's target rank is the number of items scored strictly higher
-(``mmm4rec.metrics.chunked_target_ranks``, never a ``[b, |I|]`` matrix). The metric
+all items: the item vectors are encoded once per evaluation, then each user's target
+rank is the number of items scored strictly higher
+(``mmm4rec.metrics.chunked_target_ranks``, never a ``[b, |I|]`` matrix). A model with a
+``ranking`` method ranks itself: the distributed model's is sharded (each rank encodes
+only its own items; ``mmm4rec.catalog.sharded_target_ranks`` sums the counts). The metric
 *sums* (``RankingMetrics``) are summed across processes by the ``all_reduce`` hook
 (float64), so N processes give the one-process result up to float rounding.
 """
@@ -49,6 +50,8 @@ def evaluate(model: RecModel, batches: Iterable[Batch | Mapping], ks=DEFAULT_KS,
     """
     was_training = model.training
     model.eval()
+    if ranking is None and hasattr(model, "ranking"):   # a model whose catalog is sharded ranks it so
+        ranking = model.ranking(item_chunk_size, mask_history)
     ranking = ranking or target_ranks_all_items(model, item_chunk_size, mask_history)
     acc = RankingMetrics(ks)
     for batch in batches:

@@ -8,8 +8,8 @@ A loss kind (:data:`LOSSES`) says which item vectors it scores against
 (:attr:`LossKind.item_ids`) and gives the per-row cross-entropy [b] (:attr:`LossKind.rows`);
 :func:`next_item_loss` encodes, calls it and reduces: ``sum(weight * ce) / normaliser``,
 the normaliser being the weight sum over *all* processes' rows (one process: its own).
-Further kinds (a vocab-parallel full softmax over an item shard, a sampled softmax)
-are further entries of :data:`LOSSES`.
+``vocab_parallel`` (the full softmax over an item shard, completed across processes)
+and ``sampled`` (sampled softmax with the log-Q correction) come from ``mmm4rec.catalog``.
 """
 from __future__ import annotations
 
@@ -118,10 +118,39 @@ def _inbatch(u, V, batch: Batch, config, mask_duplicates: bool = False, **_) -> 
     return inbatch_softmax_rows(u, V, batch.weight, batch.target if mask_duplicates else None)
 
 
-#: loss kind -> :class:`LossKind` (``train.loss`` of the experiment config)
+def _vocab_parallel(u, V, batch: Batch, config, item_offset: int = 0, chunk_size: int | None = None, group=None,
+                    **_) -> torch.Tensor:
+    """The full softmax with V = this process's item range only (``mmm4rec.catalog``)."""
+    from .catalog import vocab_parallel_ce
+
+    return vocab_parallel_ce(u, V, item_offset, batch.target, batch.weight,
+                             exclude_padding=excludes_padding_class(config), chunk_size=chunk_size, group=group)
+
+
+def _sampled_ids(batch: Batch, num_items: int, negatives=None, **_) -> torch.Tensor:
+    return batch.target if negatives is None else torch.cat([batch.target, negatives[0].to(batch.target.device)])
+
+
+def _sampled(u, V, batch: Batch, config, negatives=None, inbatch: bool = True, gather: bool = False,
+             inbatch_log_q=None, mask_hits: bool = True, group=None, **_) -> torch.Tensor:
+    """Sampled softmax (``mmm4rec.catalog.sampled_softmax_ce``): V = the targets' vectors,
+    then those of ``negatives = (ids, log expected counts)``."""
+    from .catalog import sampled_softmax_ce
+
+    b = batch.target.shape[0]
+    neg_ids, neg_log_q = negatives if negatives is not None else (None, None)
+    return sampled_softmax_ce(u, V[:b], batch.target, batch.weight, inbatch=inbatch, inbatch_log_q=inbatch_log_q,
+                              gather=gather, neg_ids=neg_ids, V_neg=V[b:] if neg_ids is not None else None,
+                              neg_log_q=neg_log_q, mask_hits=mask_hits, group=group)
+
+
+#: loss kind -> :class:`LossKind` (``train.loss`` of the experiment config; ``dist``'s
+#: model runs ``full`` as ``vocab_parallel`` over its item shard)
 LOSSES: dict[str, LossKind] = {
     "full": LossKind(item_ids=lambda batch, num_items, **_: None, rows=_full),
     "inbatch": LossKind(item_ids=lambda batch, num_items, **_: batch.target, rows=_inbatch),
+    "vocab_parallel": LossKind(item_ids=lambda batch, num_items, **_: None, rows=_vocab_parallel),
+    "sampled": LossKind(item_ids=_sampled_ids, rows=_sampled),
 }
 
 

@@ -77,3 +77,14 @@ def test_cold_start_script_smoke(tmp_path, shared_data):
     out = _run("benchmarks/cold_start.py", "--epochs", "0", "--markdown", str(md), timeout=1200)
     text = md.read_text()
     assert "| cold |" in text and "held-out items only" in text, out[-3000:]
+
+
+def test_catalog_benchmark_tiny():
+    """benchmarks/catalog.py: every path on 1 and 2 processes, at a tiny size."""
+    out = _run("benchmarks/catalog.py", "--items", "3000", "30000", "--procs", "1", "2", "--text-dim", "16",
+               "--hidden", "8", "--negatives", "32", "--steps", "1", "--eval-users", "32", "--chunk", "1000")
+    rows = [line for line in out.splitlines() if line.startswith("| 3") and "|" in line[1:]]
+    assert len(rows) == 12, out
+    for path in ("allitems", "vocab", "sampled"):
+        assert sum(f"| {path} |" in r for r in rows) == 4, path
+    assert not any("ERROR" in r or "died" in r for r in rows), out

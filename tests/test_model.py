@@ -373,7 +373,7 @@ def test_loss_is_reduced_by_the_normaliser_given():
         glob = model.loss(batch, kind, normaliser=torch.tensor(10.0))
         assert torch.allclose(glob.value, own.total / 10.0) and torch.equal(glob.total, own.total)
     with pytest.raises(ValueError, match="loss must be one of"):
-        model.loss(batch, "sampled")
+        model.loss(batch, "nope")
 
 
 def test_export_format_detect_entry_point(tmp_path):

@@ -103,7 +103,7 @@ def item_table_features(table, names=("text", "image", "modality_mask"), image_d
     rows with a False image mask: a missing modality, never a fake vector."""
     import numpy as np
 
-    n = table.num_items + 1
+    n = len(table.text_mask)   # an ItemTable (all rows) or data_shards.ItemRows (a range)
     out = {}
     if "text" in names:
         out["text"] = table.text
