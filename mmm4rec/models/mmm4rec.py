@@ -146,9 +146,11 @@ class MMM4RecDense(nn.Module):
             d = d * (pos[None, :] < lens[:, None])
         return d.to(torch.float32)
 
-    def user_vectors(self, seq: SeqInput, adapted=None) -> torch.Tensor:
+    def user_vectors(self, seq: SeqInput, adapted=None, last_only: bool = True) -> torch.Tensor:
         """u [b, N]. ``adapted``: (a_t, a_v) [b, L, N] of the sequence's items when already
-        computed (gathered from the catalog's), else from ``seq.rows``."""
+        computed (gathered from the catalog's), else from ``seq.rows``. ``last_only``: the
+        last layer computes what the read position needs only (False: every position, then
+        the read one is taken; the reference the fast path is tested against)."""
         cfg = self.cfg
         if adapted is None:
             adapted = [self.adapt(seq.rows, i) for i in range(len(MODALITIES))]
@@ -162,9 +164,9 @@ class MMM4RecDense(nn.Module):
         x_t, x_v = x
         last = (seq.item_seq_len - 1).clamp(min=0)
         for i, layer in enumerate(self.layers):
-            # the last layer computes its cross block at the read position only
-            x_t, x_v, d[0], d[1] = layer(x_t, x_v, d[0], d[1], last if i == len(self.layers) - 1 else None)
-        return x_v
+            rows = last if last_only and i == len(self.layers) - 1 else None
+            x_t, x_v, d[0], d[1] = layer(x_t, x_v, d[0], d[1], rows)
+        return x_v if last_only else x_v[torch.arange(x_v.shape[0], device=x_v.device), last]
 
     def forward(self, seq: SeqInput | None = None, items: dict[str, torch.Tensor] | None = None,
                 seq_rows_from_items: bool = False):
