@@ -17,6 +17,18 @@ from .configs import MMM4RecConfig
 from .layers import CausalDepthwiseConv, Dropout, GatedRMSNorm, TimeBranch
 
 
+def split_linear(linear: nn.Linear, inputs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """``torch.split(linear(x), sizes, -1)`` as one product per block of output rows, block
+    i applied to ``inputs[i]`` (the same x, or x at fewer positions when only those are
+    needed). Same values; the backward sums the blocks' input gradients instead of
+    concatenating the output gradients into one [b, L, sum(sizes)] copy."""
+    out, lo = [], 0
+    for x, n in zip(inputs, sizes):
+        out.append(F.linear(x, linear.weight[lo:lo + n], linear.bias[lo:lo + n]))
+        lo += n
+    return out
+
+
 class _SSDCore(nn.Module):
     """Per-head SSD parameters (A, D skip, dt bias), the scan, gated norm and out proj."""
 
@@ -80,13 +92,9 @@ class TiSSD(nn.Module):
     def forward(self, x: torch.Tensor, d: torch.Tensor | None, rows: torch.Tensor | None = None):
         cfg = self.cfg
         E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
-        if rows is None:
-            z, xbc, dt = torch.split(self.in_proj(x), [E, E + 2 * GS, H], dim=-1)
-        else:
-            w, bias = self.in_proj.weight, self.in_proj.bias
-            xbc, dt = torch.split(F.linear(x, w[E:], bias[E:]), [E + 2 * GS, H], dim=-1)
+        if rows is not None:
             ar = torch.arange(x.shape[0], device=x.device)[:, None]
-            z = F.linear(x[ar, rows], w[:E], bias[:E])
+        z, xbc, dt = split_linear(self.in_proj, [x if rows is None else x[ar, rows], x, x], [E, E + 2 * GS, H])
         xs, B, C = torch.split(self.conv(xbc), [E, GS, GS], dim=-1)
         if rows is not None:
             C = C[ar, rows]
@@ -127,7 +135,7 @@ class TiCoSSD(nn.Module):
                 rows: torch.Tensor | None = None, valid: torch.Tensor | None = None):
         cfg = self.cfg
         E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
-        xb, dt = torch.split(self.text_proj(p_t), [E + GS, H], dim=-1)
+        xb, dt = split_linear(self.text_proj, [p_t, p_t], [E + GS, H])
         xs, B = torch.split(self.conv_xb(xb), [E, GS], dim=-1)
         if rows is None:
             C = self.conv_c(self.vision_proj(h_v))
