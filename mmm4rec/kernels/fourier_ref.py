@@ -18,41 +18,50 @@ reads the last position.
 
 For windows up to ``DFT_MAX_LEN`` the transforms are products with the (cached) real DFT
 matrices instead of ``torch.fft``: the same linear maps within fp32 rounding
-(tests/test_model.py::test_dft_matrices_equal_torch_fft), several times faster at the
+(tests/test_model_fast_path.py::test_dft_matrices_equal_torch_fft), several times faster at the
 model's window lengths on CPU, and free of pocketfft's per-call threading, which at 2
 threads made an rfft forward+backward of [256, 8, 20] take ~100x its 1-thread time.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DFT_MAX_LEN", "complex_linear_ref", "fourier_filter_ref", "irfft_ortho", "rfft_ortho"]
+__all__ = ["DFT_MAX_LEN", "complex_linear_ref", "dft_matrices", "fourier_filter_ref", "irfft_ortho",
+           "rfft_ortho"]
 
 #: window lengths up to this use DFT matrix products, longer ones torch.fft
 DFT_MAX_LEN = 256
 
 
-@functools.lru_cache(maxsize=32)
-def _dft_matrices(L: int, device: torch.device, dtype: torch.dtype):
-    """Forward [L, 2F] (real | imaginary parts of the ortho rfft) and inverse [2F, L]
-    (the ortho irfft of (real | imaginary), n = L: bins 1..ceil(L/2)-1 count twice, and
-    the imaginary parts of bin 0 and of the Nyquist bin drop out as sin = 0 there)."""
-    nf = L // 2 + 1
-    n = torch.arange(L, dtype=torch.float64)[:, None]
-    k = torch.arange(nf, dtype=torch.float64)[None, :]
-    ang = 2 * math.pi * n * k / L
-    scale = 1 / math.sqrt(L)
-    fwd = torch.cat([torch.cos(ang), -torch.sin(ang)], 1) * scale             # [L, 2F]
-    twice = torch.full((nf,), 2.0, dtype=torch.float64)
-    twice[0] = 1.0
-    if L % 2 == 0:
-        twice[-1] = 1.0
-    inv = torch.cat([(torch.cos(ang) * twice).T, (-torch.sin(ang) * twice).T], 0) * scale  # [2F, L]
-    return fwd.to(device, dtype), inv.to(device, dtype)
+_DFT_CACHE: dict = {}
+
+
+def dft_matrices(L: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[4, F, L]: rfft real/imag rows (cos, -sin) / sqrt(L), then the irfft rows
+    (c_k cos, -c_k sin) / sqrt(L) with c_k = 1 for bin 0 and the Nyquist bin, else 2.
+    Shared by this path and the fused Triton kernel (cached per length, device, dtype)."""
+    key = (int(L), torch.device(device), dtype)
+    mat = _DFT_CACHE.get(key)
+    if mat is None:
+        F = L // 2 + 1
+        k = torch.arange(F, dtype=torch.int64)[:, None]
+        n = torch.arange(L, dtype=torch.int64)[None, :]
+        ang = (k * n % L).to(torch.float64) * (2 * math.pi / L)   # exact phase, then one rounding
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        c = torch.full((F, 1), 2.0, dtype=torch.float64)
+        c[0] = 1.0
+        sin_inv = -c * sin
+        sin_inv[0] = 0.0                                          # irfft drops Im(bin 0)
+        if L % 2 == 0:
+            c[F - 1] = 1.0
+            sin_inv[F - 1] = 0.0                                  # ... and Im(Nyquist)
+        mat = torch.stack([cos, -sin, c * cos, sin_inv]) / math.sqrt(L)
+        mat = mat.to(device=device, dtype=dtype).contiguous()
+        _DFT_CACHE[key] = mat
+    return mat
 
 
 def rfft_ortho(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +70,8 @@ def rfft_ortho(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if L > DFT_MAX_LEN:
         f = torch.fft.rfft(x, dim=-1, norm="ortho")
         return f.real, f.imag
-    fwd, _ = _dft_matrices(L, x.device, x.dtype)
-    out = x @ fwd
+    fwd = dft_matrices(L, x.device, x.dtype)[:2].reshape(-1, L)       # [2F, L]
+    out = x @ fwd.T
     return out[..., :L // 2 + 1], out[..., L // 2 + 1:]
 
 
@@ -70,7 +79,7 @@ def irfft_ortho(re: torch.Tensor, im: torch.Tensor, n: int) -> torch.Tensor:
     """``torch.fft.irfft(torch.complex(re, im), n=n, dim=-1, norm="ortho")``, real [..., n]."""
     if n > DFT_MAX_LEN:
         return torch.fft.irfft(torch.complex(re, im), n=n, dim=-1, norm="ortho")
-    _, inv = _dft_matrices(n, re.device, re.dtype)
+    inv = dft_matrices(n, re.device, re.dtype)[2:].reshape(-1, n)     # [2F, n]
     return torch.cat([re, im], -1) @ inv
 
 
