@@ -46,6 +46,8 @@ def _worker(src: str, threads: int) -> None:
 
     sys.path.insert(0, src)
     torch.set_num_threads(threads)
+    from gpu_step import make_batch  # this script's folder (the same batches as the GPU rows)
+
     import mmm4rec
     from mmm4rec import MMM4Rec, MMM4RecConfig
 
@@ -65,17 +67,8 @@ def _worker(src: str, threads: int) -> None:
         with torch.no_grad():   # a trained-looking ID term (the tables start at zero)
             model.tables.tables["id_text"].weight.normal_(0, 0.02, generator=g)
             model.tables.tables["id_image"].weight.normal_(0, 0.02, generator=g)
-        lens = torch.randint(max(1, L // 4), L + 1, (batch,), generator=g)
-        items = torch.randint(1, NUM_ITEMS + 1, (batch, L), generator=g)
-        pad = torch.arange(L)[None] >= lens[:, None]
-        items[pad] = 0
-        times = torch.cumsum(torch.rand(batch, L, generator=g, dtype=torch.float64) * 86400, 1) + 1.6e9
-        times[pad] = 0
-        state.update(model=model, batch={
-            "item_seq": items, "time_seq": times, "item_seq_len": lens,
-            "target": torch.randint(1, NUM_ITEMS + 1, (batch,), generator=g), "weight": torch.ones(batch)},
-            opt=torch.optim.NAdam([q for q in model.parameters() if q.requires_grad], lr=1e-4,
-                                  weight_decay=6.25e-4))
+        opt = torch.optim.NAdam([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=6.25e-4)
+        state.update(model=model, batch=make_batch(torch, batch, L, NUM_ITEMS, "cpu", g), opt=opt)
         return {"params": sum(q.numel() for q in model.parameters() if q.requires_grad),
                 "package": str(Path(mmm4rec.__file__).resolve().parent)}
 
