@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmm4rec import MMM4Rec
+from mmm4rec.contract import Batch
 from mmm4rec.kernels.fourier_ref import DFT_MAX_LEN, irfft_ortho, rfft_ortho
 from mmm4rec.kernels.ssd_ref import _expand_groups, ssd_quadratic_ref, ssd_rows_ref
 from mmm4rec.models.base import SeqInput
@@ -61,7 +62,7 @@ def test_last_position_path_equals_full_path(layers, max_len):
     w = torch.randn(6, model.config.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(2))
     outs = {}
     for last_only in (False, True):
-        seq = SeqInput.from_batch(batch, model.tables(batch["item_seq"]))
+        seq = SeqInput.from_batch(Batch.of(batch), model.tables(batch["item_seq"]))
         u = model.dense.user_vectors(seq, last_only=last_only)
         outs[last_only] = (u, _grads(model, (u * w).sum())[0])
     scale = outs[False][0].abs().max().item()
@@ -83,7 +84,8 @@ def test_sequence_rows_gathered_from_catalog_equal_looked_up_rows(fusion, missin
     loss_fast = model.calculate_loss(batch, "full")
     g_fast, _ = _grads(model, loss_fast)
     ids = torch.arange(model.num_items + 1)
-    u, V = model.dense(seq=SeqInput.from_batch(batch, model.tables(batch["item_seq"])), items=model.tables(ids))
+    seq = SeqInput.from_batch(Batch.of(batch), model.tables(batch["item_seq"]))
+    u, V = model.dense(seq=seq, items=model.tables(ids))
     loss_ref = losses.full_softmax_ce(u, V, batch["target"], batch["weight"])
     g_ref, _ = _grads(model, loss_ref)
     torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=0)
