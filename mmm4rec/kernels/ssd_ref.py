@@ -69,8 +69,8 @@ def ssd_rows_ref(x, dt, A, B, C_rows, D, dt_bias, rows):
 
     Rows of :func:`ssd_quadratic_ref` (hence of the chunked scan) in O(L) each:
     y_t = sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s + D dt_t x_t. The model's last
-    layer needs nothing else: the loss reads one position (tests/test_model.py::
-    test_last_position_path_equals_full_path)."""
+    layer needs nothing else: the loss reads one position (tests/test_model_fast_path.py::
+    test_ssd_rows_equal_quadratic_rows, test_last_position_path_equals_full_path)."""
     one = rows.dim() == 1
     if one:
         rows, C_rows = rows[:, None], C_rows[:, None]

@@ -85,7 +85,7 @@ def causal_depthwise_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torc
     """x [b, L, C], weight [C, K], bias [C] -> silu(causal depth-wise conv) [b, L, C].
 
     Equals ``silu(F.conv1d(x^T, weight[:, None], bias, padding=K-1, groups=C)[..., :L])^T``
-    (tests/test_model.py::test_causal_conv_equals_torch_conv1d). On CPU it is faster than
+    (tests/test_model.py::test_causal_conv_equals_torch_conv1d, tests/test_model_fast_path.py). On CPU it is faster than
     both that (mkldnn's depth-wise kernel at K = 4) and the same sum written as autograd ops
     (benchmarks/train_step.py, docs/benchmarks.md); under autocast it computes in the
     promoted dtype of its inputs, as the sum of products it replaces did."""

@@ -44,7 +44,7 @@ class MMM4RecLayer(nn.Module):
         returned vision stream is that position's only, [b, N]: the vision branch's output
         is computed at the K = d_conv positions up to it (all the cross block's C reads),
         the cross block's gate, scan output, norms and FFN there alone (same values and
-        gradients, tests/test_model.py::test_last_position_path_equals_full_path)."""
+        gradients, tests/test_model_fast_path.py::test_last_position_path_equals_full_path)."""
         y_t, d_t2 = self.tissd(x_t, d_t)
         p_t = self.norm_t(self.drop(y_t) + x_t)
         if self.ffn_t is not None:
