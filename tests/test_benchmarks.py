@@ -2,6 +2,7 @@
 speed is measured by running them for real, docs/benchmarks.md)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,13 +43,91 @@ def test_kernels_benchmark_interpreter_smoke():
     assert ssd_row.count("x |") >= 2, ssd_row
 
 
-def test_train_step_benchmark_smoke(tmp_path):
-    md = tmp_path / "t.md"
-    out = _run("benchmarks/train_step.py", "--batch", "4", "--ssd-tokens", "100",
-               "--repeats", "1", "--markdown", str(md))
+def _have_commit(commit: str) -> bool:
+    return subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"],
+                          capture_output=True, check=False).returncode == 0
+
+
+def test_train_step_benchmark_quick(tmp_path):
+    """--quick: the baseline commit's package in one worker, this tree in another; the
+    numerics check (exit 1 if the loss or a gradient differs), the alternating timing
+    rows, the profile and the SSD table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import DEFAULT_BASELINE
+
+    if not _have_commit(DEFAULT_BASELINE):
+        pytest.skip(f"baseline commit {DEFAULT_BASELINE} not in this clone (shallow?): git fetch --unshallow")
+    md, js = tmp_path / "t.md", tmp_path / "t.json"
+    out = _run("benchmarks/train_step.py", "--quick", "--markdown", str(md), "--json", str(js), timeout=1200)
+    res = json.loads(js.read_text())
+    assert len(res["numerics"]) == 4 and all(r["equal"] for r in res["numerics"]), out[-3000:]
+    assert {(r["layers"], r["L"]) for r in res["steps"]} == {(1, 20), (2, 20), (1, 64), (2, 64)}
+    assert all(r["ratio_median"] > 0 and r["steps_each"] == 2 for r in res["steps"])
+    assert res["profile"]["base"]["top"] and res["profile"]["new"]["top"]
     text = md.read_text()
-    assert "| MMM4Rec | 1,999,085 |" in text and "| SASRec | 382,080 |" in text, out[-3000:]
-    assert "| 1000 |" in text
+    assert "equal within fp32 tolerance" in text and "| 1 | 2 | 20 | 8 |" in text and "| 64 |" in text
+
+
+def test_train_step_benchmark_names_a_missing_baseline():
+    out = subprocess.run([sys.executable, "benchmarks/train_step.py", "--quick", "--baseline-commit", "f" * 40],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode != 0 and "is not in this repository" in out.stderr, out.stderr[-2000:]
+
+
+def test_gpu_step_cpu_smoke_and_report(tmp_path):
+    """The GPU step timer's every row (fp32/bf16, SASRec, the catalog-loss rows, the losses
+    this build lacks marked as such) on CPU at tiny sizes, and the report's JSON + Markdown."""
+    out = _run("benchmarks/gpu_step.py", "step", "--out", str(tmp_path), "--cpu-smoke", timeout=900)
+    step = json.loads((tmp_path / "train_step.json").read_text())
+    from mmm4rec import losses
+
+    timed = [r for r in step["rows"] if "ms" in r]
+    kinds = set(losses.LOSSES) - {"full"}            # every other kind of the build, fp32 + bf16
+    assert len(timed) == 10 + 2 * len(kinds) and all(r["ms"] > 0 and r["seq_per_s"] > 0 for r in timed), out[-3000:]
+    assert {r["precision"] for r in timed} == {"fp32", "bf16"}
+    missing = [r for r in step["rows"] if "ms" not in r]
+    if set(losses.LOSSES) <= {"full", "inbatch"}:    # issue 12's catalog losses not in this build
+        assert len(missing) == 1 and "not available in this build" in missing[0]["note"]
+    else:
+        assert not missing
+    _run("benchmarks/gpu_step.py", "report", "--out", str(tmp_path))
+    md = (tmp_path / "summary.md").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "CPU SMOKE RUN" in md and "| MMM4Rec 1 layer, full softmax over 50 items | bf16 | 4 |" in md
+    assert "x SASRec's time per step" in md and "bf16 runs at" in md
+    assert summary["train_step"]["cpu_smoke"] and summary["kernel_tests"] == "not run"
+
+
+def test_gpu_step_arguments():
+    bad = subprocess.run([sys.executable, "benchmarks/gpu_step.py", "step", "--out", "x", "--batch", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "--batch" in bad.stderr
+    assert "usage" in _run("benchmarks/gpu_step.py", "--help")
+
+
+def test_gpu_check_script_arguments(tmp_path):
+    sh = ["bash", "scripts/gpu_check.sh"]
+    help_ = subprocess.run([*sh, "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert help_.returncode == 0 and "--cpu-smoke" in help_.stdout
+    for args, needle in ((["--bogus"], "unknown option --bogus"), ([], "--out DIR is required")):
+        r = subprocess.run([*sh, *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        assert r.returncode == 2 and needle in r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cpu_smoke(tmp_path):
+    """scripts/gpu_check.sh end to end on CPU: kernel tests (skipping, with their reason),
+    the kernel benchmark's interpreter smoke, the step rows, and one folder with the report."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHON"] = sys.executable
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(tmp_path), "--cpu-smoke"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"summary.md", "summary.json", "meta.json", "train_step.json", "kernel_tests.log"} <= names
+    assert len(names) <= 8                                  # what the device tool brings back
+    md = (tmp_path / "summary.md").read_text()
+    assert "skipped" in md and "interpreter smoke: code path OK" in md and "CPU SMOKE RUN" in md
 
 
 @pytest.mark.s3

@@ -5,6 +5,7 @@
 Design, tests and benchmark: docs/kernels.md.
 """
 from ._common import UnsupportedShapeError
-from .dispatch import fourier_filter, get_backend, set_backend, ssd, use_backend
+from .dispatch import fourier_filter, get_backend, set_backend, ssd, ssd_rows, use_backend
 
-__all__ = ["UnsupportedShapeError", "fourier_filter", "get_backend", "set_backend", "ssd", "use_backend"]
+__all__ = ["UnsupportedShapeError", "fourier_filter", "get_backend", "set_backend", "ssd", "ssd_rows",
+           "use_backend"]

@@ -41,7 +41,7 @@ from ._common import (
     triton_importable,
 )
 from .fourier_ref import fourier_filter_ref
-from .ssd_ref import ssd_chunked_ref, ssd_quadratic_ref
+from .ssd_ref import ssd_chunked_ref, ssd_quadratic_ref, ssd_rows_ref
 
 __all__ = [
     "BACKENDS",
@@ -52,6 +52,7 @@ __all__ = [
     "resolve_backend",
     "set_backend",
     "ssd",
+    "ssd_rows",
     "use_backend",
 ]
 
@@ -217,6 +218,18 @@ def ssd(x, dt, A, B, C, D, dt_bias, chunk_size: int = 64):
     """Time-aware SSD; shapes in :func:`mmm4rec.kernels.ssd_combined.ssd_chunked_triton`."""
     return _run("ssd", _ssd_triton, _ssd_reference, (x, dt, A, B, C, D, dt_bias, chunk_size),
                 (x, dt, A, B, C, D, dt_bias))
+
+
+def ssd_rows(x, dt, A, B, C_rows, D, dt_bias, rows):
+    """The SSD output at chosen positions (``rows`` [b] or [b, R], ``C_rows`` = C there):
+    O(L) PyTorch on every device (:func:`mmm4rec.kernels.ssd_ref.ssd_rows_ref`), autocast
+    off and fp32 for 16-bit inputs like the other reference calls."""
+    tensors = (x, dt, A, B, C_rows, D, dt_bias)
+    args = (*tensors, rows)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _fp32_reference(ssd_rows_ref, args, tensors)
+    return _fp32_reference(ssd_rows_ref, args, tensors)
 
 
 def fourier_filter(d_t, d_v, cl_a, cl_b, cl_c):

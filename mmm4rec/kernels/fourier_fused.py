@@ -42,14 +42,12 @@ row ranges for occupancy; no atomics, deterministic), and the bias gradients.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import UnsupportedShapeError, check_device, dot_precision, empty, num_sms
-from .fourier_ref import fourier_filter_ref  # the twin
+from .fourier_ref import dft_matrices, fourier_filter_ref  # the twin; the DFT matrices are shared
 
 __all__ = [
     "MAX_LEN",
@@ -355,33 +353,6 @@ def _fourier_wgrad_kernel(
     b_mask = j_mask & (pid_k == 0)
     tl.store(db + (2 * cl) * stride_db_s, sum_r + sum_i, mask=b_mask)
     tl.store(db + (2 * cl + 1) * stride_db_s, sum_i - sum_r, mask=b_mask)
-
-
-_DFT_CACHE: dict = {}
-
-
-def dft_matrices(L: int, device) -> torch.Tensor:
-    """fp32 [4, F, L]: rfft real/imag rows (cos, -sin) / sqrt(L), then the irfft rows
-    (c_k cos, -c_k sin) / sqrt(L) with c_k = 1 for bin 0 and the Nyquist bin, else 2."""
-    key = (int(L), torch.device(device))
-    mat = _DFT_CACHE.get(key)
-    if mat is None:
-        F = L // 2 + 1
-        k = torch.arange(F, dtype=torch.int64)[:, None]
-        n = torch.arange(L, dtype=torch.int64)[None, :]
-        ang = (k * n % L).to(torch.float64) * (2 * math.pi / L)   # exact phase, then one rounding
-        cos, sin = torch.cos(ang), torch.sin(ang)
-        c = torch.full((F, 1), 2.0, dtype=torch.float64)
-        c[0] = 1.0
-        sin_inv = -c * sin
-        sin_inv[0] = 0.0                                          # irfft drops Im(bin 0)
-        if L % 2 == 0:
-            c[F - 1] = 1.0
-            sin_inv[F - 1] = 0.0                                  # ... and Im(Nyquist)
-        mat = torch.stack([cos, -sin, c * cos, sin_inv]) / math.sqrt(L)
-        mat = mat.to(device=device, dtype=torch.float32).contiguous()
-        _DFT_CACHE[key] = mat
-    return mat
 
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 32, 32, 32

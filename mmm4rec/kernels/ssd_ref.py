@@ -29,6 +29,7 @@ import torch.nn.functional as F
 __all__ = [
     "ssd_quadratic_ref",
     "ssd_chunked_ref",
+    "ssd_rows_ref",
     "ssd_chunk_cumsum_ref",
     "ssd_chunk_state_ref",
     "ssd_state_passing_ref",
@@ -37,10 +38,13 @@ __all__ = [
 
 
 def _expand_groups(t: torch.Tensor, nheads: int) -> torch.Tensor:
-    """[b, L, G, S] -> [b, L, H, S] (each group serves H/G consecutive heads)."""
+    """[b, L, G, S] -> [b, L, H, S] (each group serves H/G consecutive heads); the input
+    itself when G == H (no copy)."""
     g = t.shape[2]
     if nheads % g:
         raise ValueError(f"heads ({nheads}) must be a multiple of groups ({g})")
+    if g == nheads:
+        return t
     return t.repeat_interleave(nheads // g, dim=2)
 
 
@@ -57,6 +61,32 @@ def ssd_quadratic_ref(x, dt, A, B, C, D, dt_bias):
     scores = torch.einsum("bthn,bshn->btsh", Ch, Bh) * decay  # [b, t, s, H]
     y = torch.einsum("btsh,bshp->bthp", scores, u)
     return y + D[None, None, :, None] * u
+
+
+def ssd_rows_ref(x, dt, A, B, C_rows, D, dt_bias, rows):
+    """The SSD output at chosen positions only: ``rows`` [b] or [b, R] (int64, positions),
+    ``C_rows`` = C at those positions ([b, G, S] or [b, R, G, S]) -> [b, H, P] or [b, R, H, P].
+
+    Rows of :func:`ssd_quadratic_ref` (hence of the chunked scan) in O(L) each:
+    y_t = sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s + D dt_t x_t. The model's last
+    layer needs nothing else: the loss reads one position (tests/test_model_fast_path.py::
+    test_ssd_rows_equal_quadratic_rows, test_last_position_path_equals_full_path)."""
+    one = rows.dim() == 1
+    if one:
+        rows, C_rows = rows[:, None], C_rows[:, None]
+    bsz, L, H, P = x.shape
+    ar = torch.arange(bsz, device=x.device)[:, None]
+    dt_hat = F.softplus(dt + dt_bias)                               # [b, L, H]
+    cum = torch.cumsum(dt_hat * A, dim=1)                           # [b, L, H]
+    seg = cum[ar, rows].unsqueeze(2) - cum.unsqueeze(1)             # [b, R, s, H] = cum_t - cum_s
+    causal = torch.arange(L, device=x.device)[None, None, :] <= rows[..., None]   # [b, R, s]
+    decay = torch.exp(seg.masked_fill(~causal[..., None], float("-inf")))
+    cb = torch.einsum("brgn,bsgn->brsg", C_rows, B)                # [b, R, s, G]
+    if cb.shape[-1] != H:
+        cb = cb.repeat_interleave(H // cb.shape[-1], dim=-1)        # [b, R, s, H]
+    y = torch.einsum("brsh,bshp->brhp", cb * decay * dt_hat.unsqueeze(1), x)
+    y = y + (D * dt_hat[ar, rows]).unsqueeze(-1) * x[ar, rows]
+    return y[:, 0] if one else y
 
 
 def ssd_chunk_cumsum_ref(dt, A, dt_bias, chunk_size):

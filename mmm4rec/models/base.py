@@ -79,6 +79,11 @@ class ItemTables(nn.Module):
     def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: emb(ids) for name, emb in self.tables.items()}
 
+    def all_rows(self) -> dict[str, torch.Tensor]:
+        """Every row in id order, ``{name: [num_rows, dim]}``: ``forward(arange(num_rows))``
+        without the copy (the tables themselves; gradients reach them directly)."""
+        return {name: emb.weight for name, emb in self.tables.items()}
+
     @torch.no_grad()
     def load_features(self, features: dict[str, torch.Tensor]) -> None:
         """Fill the frozen tables: ``features[name]`` is [num_rows, dim] (numpy or torch)."""
@@ -119,6 +124,7 @@ class SeqRecModel(nn.Module):
     """Base of every model: ``tables`` + ``dense`` and the shared training/eval API."""
 
     model_type: str = ""
+    gathers_sequence_rows: bool = False   # dense.forward takes seq_rows_from_items (see forward)
     config_cls: type = object
     dense_cls: type = nn.Module     # built as dense_cls(config): what DeepSpeed wraps in dist/
 
@@ -163,6 +169,11 @@ class SeqRecModel(nn.Module):
         batch = Batch.of(batch)
         if item_ids is None:
             item_ids = torch.arange(self.num_items + 1, device=batch.item_seq.device)
+            if self.gathers_sequence_rows:
+                # the whole catalog is encoded: the sequence's rows come from it (no second
+                # lookup and adapter pass over b x L rows)
+                return self.dense(seq=SeqInput.from_batch(batch, {}), items=self.tables.all_rows(),
+                                  seq_rows_from_items=True)
         return self.dense(seq=SeqInput.from_batch(batch, self.tables(batch.item_seq)),
                           items=self.tables(item_ids))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..kernels import fourier_filter, use_backend
 from .base import SeqInput, SeqRecModel, TableSpec
 from .configs import MMM4RecConfig
-from .layers import ComplexLinear, FeedForward
+from .layers import ComplexLinear, Dropout, FeedForward
 from .tissd import TiCoSSD, TiSSD, init_weights
 
 MODALITIES = ("text", "image")
@@ -25,7 +25,7 @@ class MMM4RecLayer(nn.Module):
         self.cfg = cfg
         N, eps = cfg.hidden_size, cfg.norm_eps
         self.tissd = TiSSD(cfg)                       # shared by both branches
-        self.drop = nn.Dropout(cfg.dropout_prob)
+        self.drop = Dropout(cfg.dropout_prob)
         self.norm_t = nn.LayerNorm(N, eps=eps)
         self.ffn_t = FeedForward(N, cfg.inner_size, cfg.dropout_prob, eps) if cfg.is_ffn else None
         self.norm_v = nn.LayerNorm(N, eps=eps)
@@ -37,19 +37,36 @@ class MMM4RecLayer(nn.Module):
         self.norm_c = nn.LayerNorm(N, eps=eps)
         self.ffn_c = FeedForward(N, cfg.inner_size, cfg.dropout_prob, eps)
 
-    def forward(self, x_t, x_v, d_t, d_v):
-        """x_t, x_v [b, L, N]; d_t, d_v [b, H, L] (None when is_time is off)."""
+    def forward(self, x_t, x_v, d_t, d_v, rows: torch.Tensor | None = None):
+        """x_t, x_v [b, L, N]; d_t, d_v [b, H, L] (None when is_time is off).
+
+        ``rows`` [b] given (the last layer: the user vector reads one position), the
+        returned vision stream is that position's only, [b, N]: the vision branch's output
+        is computed at the K = d_conv positions up to it (all the cross block's C reads),
+        the cross block's gate, scan output, norms and FFN there alone (same values and
+        gradients, tests/test_model_fast_path.py::test_last_position_path_equals_full_path)."""
         y_t, d_t2 = self.tissd(x_t, d_t)
         p_t = self.norm_t(self.drop(y_t) + x_t)
         if self.ffn_t is not None:
             p_t = self.ffn_t(p_t)
-        y_v, d_v2 = self.tissd(x_v, d_v)
-        h_v = self.norm_v(self.drop(y_v) + x_v)
+        win = valid = None
+        x_v_res = x_v
+        if rows is not None:
+            win = rows[:, None] - (self.cfg.d_conv - 1) + torch.arange(self.cfg.d_conv, device=rows.device)
+            valid = win >= 0
+            win = win.clamp(min=0)
+            x_v_res = x_v[torch.arange(x_v.shape[0], device=x_v.device)[:, None], win]
+        y_v, d_v2 = self.tissd(x_v, d_v, win)
+        h_v = self.norm_v(self.drop(y_v) + x_v_res)
         d_f = None
         if self.cfg.is_time:
             d_f = fourier_filter(d_t2, d_v2, self.cl_a.params(), self.cl_b.params(), self.cl_c.params())
-        y = self.ticossd(p_t, h_v, d_f)
-        y = self.ffn_c(self.norm_c(self.drop(y) + h_v + p_t))
+        y = self.ticossd(p_t, h_v, d_f, rows, valid)
+        if rows is not None:
+            h_v, p_t_rows = h_v[:, -1], p_t[torch.arange(p_t.shape[0], device=p_t.device), rows]
+        else:
+            p_t_rows = p_t
+        y = self.ffn_c(self.norm_c(self.drop(y) + h_v + p_t_rows))
         return p_t, y, d_t2, d_v2
 
 
@@ -66,10 +83,10 @@ class MMM4RecDense(nn.Module):
         self.cfg = cfg
         N = cfg.hidden_size
         self.adapter = nn.ModuleDict({"text": nn.Linear(cfg.text_dim, N), "image": nn.Linear(cfg.image_dim, N)})
-        self.emb_drop = nn.Dropout(cfg.embedding_drop_prob)
+        self.emb_drop = Dropout(cfg.embedding_drop_prob)
         self.input_norm = nn.ModuleDict({m: nn.LayerNorm(N, eps=cfg.norm_eps) for m in MODALITIES})
         if cfg.is_time:
-            self.time_drop = nn.Dropout(cfg.time_dropout_prob)
+            self.time_drop = Dropout(cfg.time_dropout_prob)
             self.time_norm = nn.LayerNorm(cfg.max_len, eps=cfg.norm_eps)   # over the length axis
         self.layers = nn.ModuleList([MMM4RecLayer(cfg) for _ in range(cfg.num_layers)])
         if cfg.item_mm_fusion == "dynamic_shared":
@@ -91,10 +108,12 @@ class MMM4RecDense(nn.Module):
             a = a + rows[id_name]
         return a
 
-    def item_vectors(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """V_i = (w_t e_t(i) + w_v e_v(i)) / tau, with e_m = a_m / ||a_m||: [n, N]."""
-        e_t = F.normalize(self.adapt(rows, 0), dim=-1)
-        e_v = F.normalize(self.adapt(rows, 1), dim=-1)
+    def item_vectors(self, rows: dict[str, torch.Tensor], adapted=None) -> torch.Tensor:
+        """V_i = (w_t e_t(i) + w_v e_v(i)) / tau, with e_m = a_m / ||a_m||: [n, N].
+        ``adapted``: (a_t, a_v) of these rows when already computed."""
+        a_t, a_v = adapted if adapted is not None else (self.adapt(rows, 0), self.adapt(rows, 1))
+        e_t = F.normalize(a_t, dim=-1)
+        e_v = F.normalize(a_v, dim=-1)
         mode = self.cfg.item_mm_fusion
         if mode == "static":
             v = e_t + e_v
@@ -127,9 +146,15 @@ class MMM4RecDense(nn.Module):
             d = d * (pos[None, :] < lens[:, None])
         return d.to(torch.float32)
 
-    def user_vectors(self, seq: SeqInput) -> torch.Tensor:
+    def user_vectors(self, seq: SeqInput, adapted=None, last_only: bool = True) -> torch.Tensor:
+        """u [b, N]. ``adapted``: (a_t, a_v) [b, L, N] of the sequence's items when already
+        computed (gathered from the catalog's), else from ``seq.rows``. ``last_only``: the
+        last layer computes what the read position needs only (False: every position, then
+        the read one is taken; the reference the fast path is tested against)."""
         cfg = self.cfg
-        x = [self.input_norm[m](self.emb_drop(self.adapt(seq.rows, i))) for i, m in enumerate(MODALITIES)]
+        if adapted is None:
+            adapted = [self.adapt(seq.rows, i) for i in range(len(MODALITIES))]
+        x = [self.input_norm[m](self.emb_drop(a)) for m, a in zip(MODALITIES, adapted)]
         d = [None, None]
         if cfg.is_time:
             delta = self.time_signal(seq)
@@ -137,15 +162,24 @@ class MMM4RecDense(nn.Module):
             d = [self.time_norm(self.time_drop(delta)).unsqueeze(1).expand(-1, cfg.n_heads, -1).contiguous()
                  for _ in MODALITIES]
         x_t, x_v = x
-        for layer in self.layers:
-            x_t, x_v, d[0], d[1] = layer(x_t, x_v, d[0], d[1])
         last = (seq.item_seq_len - 1).clamp(min=0)
-        return x_v[torch.arange(x_v.shape[0], device=x_v.device), last]
+        for i, layer in enumerate(self.layers):
+            rows = last if last_only and i == len(self.layers) - 1 else None
+            x_t, x_v, d[0], d[1] = layer(x_t, x_v, d[0], d[1], rows)
+        return x_v if last_only else x_v[torch.arange(x_v.shape[0], device=x_v.device), last]
 
-    def forward(self, seq: SeqInput | None = None, items: dict[str, torch.Tensor] | None = None):
+    def forward(self, seq: SeqInput | None = None, items: dict[str, torch.Tensor] | None = None,
+                seq_rows_from_items: bool = False):
+        """(u, V). ``seq_rows_from_items``: ``items`` holds rows 0..|I| of the whole catalog
+        in id order, so the sequence's adapter outputs are gathered from the catalog's
+        (``seq.rows`` is not read): the adapters run once per step, not twice."""
+        adapted_items = adapted_seq = None
+        if seq is not None and items is not None and seq_rows_from_items:
+            adapted_items = (self.adapt(items, 0), self.adapt(items, 1))
+            adapted_seq = [a[seq.item_seq] for a in adapted_items]
         with use_backend(None if self.cfg.kernels == "auto" else self.cfg.kernels):
-            u = self.user_vectors(seq) if seq is not None else None
-        v = self.item_vectors(items) if items is not None else None
+            u = self.user_vectors(seq, adapted_seq) if seq is not None else None
+        v = self.item_vectors(items, adapted_items) if items is not None else None
         return u, v
 
 
@@ -153,6 +187,7 @@ class MMM4Rec(SeqRecModel):
     """MMM4Rec: ``tables`` (frozen features, masks, ID term) + ``dense`` (transferable)."""
 
     model_type = "mmm4rec"
+    gathers_sequence_rows = True      # dense(..., seq_rows_from_items=True), see SeqRecModel.forward
     config_cls = MMM4RecConfig
     dense_cls = MMM4RecDense
 

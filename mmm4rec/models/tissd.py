@@ -9,11 +9,24 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..kernels import ssd
+from ..kernels import ssd, ssd_rows
 from ..kernels.ssd_ref import ssd_quadratic_ref
 from .configs import MMM4RecConfig
-from .layers import CausalDepthwiseConv, GatedRMSNorm, TimeBranch
+from .layers import CausalDepthwiseConv, Dropout, GatedRMSNorm, TimeBranch
+
+
+def split_linear(linear: nn.Linear, inputs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """``torch.split(linear(x), sizes, -1)`` as one product per block of output rows, block
+    i applied to ``inputs[i]`` (the same x, or x at fewer positions when only those are
+    needed). Same values; the backward sums the blocks' input gradients instead of
+    concatenating the output gradients into one [b, L, sum(sizes)] copy."""
+    out, lo = [], 0
+    for x, n in zip(inputs, sizes):
+        out.append(F.linear(x, linear.weight[lo:lo + n], linear.bias[lo:lo + n]))
+        lo += n
+    return out
 
 
 class _SSDCore(nn.Module):
@@ -31,10 +44,18 @@ class _SSDCore(nn.Module):
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.rmsnorm_eps)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size)
 
-    def scan(self, xs, dt, B, C, z):
-        """xs [b,L,E], dt [b,L,H] (pre-softplus), B/C [b,L,G*S], z [b,L,E] -> [b,L,N]."""
+    def scan(self, xs, dt, B, C, z, rows: torch.Tensor | None = None):
+        """xs [b,L,E], dt [b,L,H] (pre-softplus), B/C [b,L,G*S], z [b,L,E] -> [b,L,N].
+
+        ``rows`` ([b] or [b, R] positions) given: the output there only, [b, N] / [b, R, N];
+        C and z are then C and the gate at those positions ([b, G*S] / [b, R, G*S], ...)."""
         cfg = self.cfg
         b, L, _ = xs.shape
+        if rows is not None:
+            y = ssd_rows(xs.reshape(b, L, cfg.n_heads, cfg.head_dim), dt, -torch.exp(self.A_log.float()),
+                         B.reshape(b, L, cfg.n_groups, cfg.d_state),
+                         C.reshape(*rows.shape, cfg.n_groups, cfg.d_state), self.D, self.dt_bias, rows)
+            return self.out_proj(self.norm(y.reshape(*rows.shape, cfg.d_inner), z))
         args = (
             xs.reshape(b, L, cfg.n_heads, cfg.head_dim), dt, -torch.exp(self.A_log.float()),
             B.reshape(b, L, cfg.n_groups, cfg.d_state), C.reshape(b, L, cfg.n_groups, cfg.d_state),
@@ -50,7 +71,9 @@ class _SSDCore(nn.Module):
 class TiSSD(nn.Module):
     """Time-aware SSD block. ONE instance serves both modality branches.
 
-    forward(X [b, L, N], D [b, H, L]) -> (Y [b, L, N], D_out [b, H, L])
+    forward(X [b, L, N], D [b, H, L]) -> (Y [b, L, N], D_out [b, H, L]); with ``rows``
+    [b, R] (positions), Y at those positions only, [b, R, N]: the gate half of the input
+    projection, the scan output, norm and out projection are computed there alone.
     """
 
     def __init__(self, cfg: MMM4RecConfig):
@@ -62,28 +85,37 @@ class TiSSD(nn.Module):
         self.core = _SSDCore(cfg)
         if cfg.is_time:
             self.time = TimeBranch(cfg.max_len, H, cfg.d_conv, cfg.time_dropout_prob)
-            self.gate_drop = nn.Dropout(cfg.time_dropout_prob)
+            self.gate_drop = Dropout(cfg.time_dropout_prob)
             self.gate = nn.Linear(cfg.max_len, 1)
             self.time_norm = nn.LayerNorm(cfg.max_len, eps=cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, d: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, d: torch.Tensor | None, rows: torch.Tensor | None = None):
         cfg = self.cfg
         E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
-        z, xbc, dt = torch.split(self.in_proj(x), [E, E + 2 * GS, H], dim=-1)
+        if rows is not None:
+            ar = torch.arange(x.shape[0], device=x.device)[:, None]
+        z, xbc, dt = split_linear(self.in_proj, [x if rows is None else x[ar, rows], x, x], [E, E + 2 * GS, H])
         xs, B, C = torch.split(self.conv(xbc), [E, GS, GS], dim=-1)
+        if rows is not None:
+            C = C[ar, rows]
         d_out = d
         if cfg.is_time:
             T = self.time(d)                                   # [b, H, L]
             dt = dt * T.transpose(1, 2)
             g = torch.sigmoid(self.gate(self.gate_drop(d)))    # [b, H, 1]
             d_out = self.time_norm(g * d + (1 - g) * T)
-        return self.core.scan(xs, dt, B, C, z), d_out
+        return self.core.scan(xs, dt, B, C, z, rows), d_out
 
 
 class TiCoSSD(nn.Module):
     """Cross-SSD: Xs, B, dt from the text stream; C from the vision stream; gate from both.
 
-    forward(P_t [b, L, N], H_v [b, L, N], D_f [b, H, L] | None) -> [b, L, N]
+    forward(P_t [b, L, N], H_v [b, L, N], D_f [b, H, L] | None) -> [b, L, N].
+
+    With ``rows`` [b] (one position per sequence), the output there only, [b, N]; H_v is
+    then the vision stream at the K = d_conv positions rows-K+1..rows ([b, K, N], clamped
+    at 0) and ``valid`` [b, K] marks those >= 0: C needs no more (its causal conv reads K
+    positions), and the gate, scan output, norm and projections are computed there alone.
     """
 
     def __init__(self, cfg: MMM4RecConfig):
@@ -99,16 +131,21 @@ class TiCoSSD(nn.Module):
         if cfg.is_time:
             self.time = TimeBranch(cfg.max_len, H, cfg.d_conv, cfg.time_dropout_prob)
 
-    def forward(self, p_t: torch.Tensor, h_v: torch.Tensor, d_f: torch.Tensor | None):
+    def forward(self, p_t: torch.Tensor, h_v: torch.Tensor, d_f: torch.Tensor | None,
+                rows: torch.Tensor | None = None, valid: torch.Tensor | None = None):
         cfg = self.cfg
         E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
-        xb, dt = torch.split(self.text_proj(p_t), [E + GS, H], dim=-1)
+        xb, dt = split_linear(self.text_proj, [p_t, p_t], [E + GS, H])
         xs, B = torch.split(self.conv_xb(xb), [E, GS], dim=-1)
-        C = self.conv_c(self.vision_proj(h_v))
-        z = self.gate_proj(h_v + p_t)
+        if rows is None:
+            C = self.conv_c(self.vision_proj(h_v))
+            z = self.gate_proj(h_v + p_t)
+        else:   # the conv's zero padding: positions < 0 enter as 0 (after the projection)
+            C = self.conv_c(self.vision_proj(h_v) * valid.unsqueeze(-1).to(h_v.dtype))[:, -1]
+            z = self.gate_proj(h_v[:, -1] + p_t[torch.arange(p_t.shape[0], device=p_t.device), rows])
         if cfg.is_time:
             dt = dt * self.time(d_f).transpose(1, 2)
-        return self.core.scan(xs, dt, B, C, z)
+        return self.core.scan(xs, dt, B, C, z, rows)
 
 
 def init_weights(module: nn.Module, std: float) -> None:
