@@ -230,9 +230,17 @@ def train_command(cfg: str, out: Path, sets: list[str], nproc: int, resume: bool
     return cmd + (["--resume"] if resume else [])
 
 
-def quick_sets(quick: bool) -> list[str]:
-    # one step per epoch at most, few evaluation users: a test of the pipeline
-    return ["train.steps_per_epoch=2", "data.batch_size=128", "train.gradient_accumulation_steps=1"] if quick else []
+def scale_sets(quick: bool, nproc: int) -> list[str]:
+    """``--quick``: two small steps per epoch (a test of the pipeline). Otherwise the three
+    configs' micro-batch of 1024 rows is split over ``nproc`` processes, so that a step
+    sees the same 1024 x accumulation rows on any number of processes."""
+    if quick:
+        return ["train.steps_per_epoch=2", "data.batch_size=128", "train.gradient_accumulation_steps=1"]
+    if nproc > 1:
+        if 1024 % nproc:
+            raise StudyError(f"--nproc {nproc}: must divide the micro-batch of 1024 rows")
+        return [f"data.batch_size={1024 // nproc}"]
+    return []
 
 
 def run_study(args) -> dict:
@@ -271,7 +279,7 @@ def run_study(args) -> dict:
     for name in sorted(need_pre):
         run_dir = out / "runs" / name
         sets = ["data.sample=null", f"data.url={shards / name}", f"train.epochs={p['pretrain_epochs']}",
-                f"train.max_wall_time={p['pretrain_wall_time']}", *quick_sets(args.quick)]
+                f"train.max_wall_time={p['pretrain_wall_time']}", *scale_sets(args.quick, args.nproc)]
         if not (run_dir / "metrics.json").is_file():
             pre_jobs.append((f"pretrain {name}", train_command("transfer_pretrain.yaml", run_dir, sets, args.nproc,
                                                                  (run_dir / "checkpoints").is_dir()),
@@ -295,7 +303,7 @@ def run_study(args) -> dict:
         if pre and pre not in exports:
             continue
         sets = ["data.sample=null", f"data.url={shards / target}", f"train.epochs={p['finetune_epochs']}",
-                f"train.max_wall_time={p['finetune_wall_time']}", *extra, *quick_sets(args.quick)]
+                f"train.max_wall_time={p['finetune_wall_time']}", *extra, *scale_sets(args.quick, args.nproc)]
         if pre:
             sets.append(f"train.init_from={exports[pre]}")
         if not (run_dir / "metrics.json").is_file():
