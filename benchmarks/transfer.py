@@ -350,6 +350,36 @@ def _curve(m: dict, run_dir: Path, metric: str = "ndcg@10") -> list[dict]:
             for h in m.get("history", []) if f"valid/{metric}" in h]
 
 
+def _steps_per_epoch(m: dict, run_dir: Path) -> int | None:
+    """Optimizer steps of a full epoch of the run: its train samples (shard manifest) over
+    micro-batch x world size, micro-batches over the accumulation (the last step takes
+    the remainder), or ``train.steps_per_epoch`` where set."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        samples = _load(Path(cfg["data"]["url"]) / "manifest.json")["splits"]["train"]["samples"]
+        micro = -(-samples // (cfg["data"]["batch_size"] * int(m.get("world_size") or 1)))
+        steps = -(-micro // cfg["train"].get("gradient_accumulation_steps", 1))
+        cap = cfg["train"].get("steps_per_epoch") or 0
+        return min(steps, cap) if cap else steps
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _partial_point(m: dict, run_dir: Path) -> list[dict]:
+    """A run cut by its wall time before its first full epoch has one evaluation (the
+    trainer's mid-epoch stop): it becomes a point at a fractional epoch. Its seconds
+    include the test evaluation that follows it."""
+    if m.get("history") or not m.get("best_valid") or "ndcg@10" not in m["best_valid"]:
+        return []
+    spe = _steps_per_epoch(m, run_dir)
+    t = m.get("timings", {})
+    return [{"epoch": round(m["best_step"] / spe, 3) if spe else None, "value": m["best_valid"]["ndcg@10"],
+             "seconds": (t.get("train_seconds") or 0) + (t.get("eval_seconds") or 0), "partial": True,
+             "steps": m["best_step"], "steps_per_epoch": spe}]
+
+
 def collect(out: Path, runs: list[str], p: dict, args, seconds: float) -> dict:
     res = {"plan": p, "command": shlex.join([sys.executable, *sys.argv]) if args.record_command else None,
            "runs": {}, "pretraining": {}, "study_seconds_this_invocation": round(seconds, 1)}
@@ -369,10 +399,12 @@ def collect(out: Path, runs: list[str], p: dict, args, seconds: float) -> dict:
         m = _load(out / "runs" / f"ft-{r}" / "metrics.json")
         entry = {"label": RUNS[r][0], "finished": m is not None}
         if m:
-            curve = _curve(m, out / "runs" / f"ft-{r}")
+            curve = _curve(m, out / "runs" / f"ft-{r}") or _partial_point(m, out / "runs" / f"ft-{r}")
             entry.update({
                 "test": {k: (m.get("test") or {}).get(k) for k in METRICS},
                 "best_epoch": m.get("best_epoch"), "epochs_run": len(m.get("history", [])),
+                "steps": m.get("steps"), "best_step": m.get("best_step"),
+                "partial_epoch": curve[0]["epoch"] if curve and curve[0].get("partial") else None,
                 "stopped_early": m.get("stopped_early"), "stopped_by_wall_time": m.get("stopped_by_wall_time"),
                 "train_seconds": m.get("timings", {}).get("train_seconds"),
                 "eval_seconds": m.get("timings", {}).get("eval_seconds"),
@@ -381,6 +413,14 @@ def collect(out: Path, runs: list[str], p: dict, args, seconds: float) -> dict:
         res["runs"][r] = entry
     res["expectations"] = expectations(res["runs"])
     return res
+
+
+def _ran(e: dict) -> str:
+    """How much of the schedule a fine-tuning run did: epochs, or the steps of a partial first one."""
+    if e.get("partial_epoch") is not None:
+        c = e["curve"][0]
+        return f"{e['partial_epoch']:.2f} ({c['steps']} of {c['steps_per_epoch']} steps of epoch 1)"
+    return str(e.get("epochs_run"))
 
 
 def _time_to_reach(curve: list[dict], target: float) -> tuple[int, float | None] | None:
@@ -409,8 +449,8 @@ def expectations(runs: dict) -> list[dict]:
         capped = [n for n in ("a", "c") if runs[n].get("stopped_by_wall_time")
                   or not runs[n].get("stopped_early")]
         ca, cc = a["curve"], c["curve"]
-        text = (f"best epoch (a) {a['best_epoch']} of {a['epochs_run']} run, (c) {c['best_epoch']} of "
-                f"{c['epochs_run']} run (selected on valid {a.get('selection_metric')})")
+        text = (f"best epoch (a) {a['best_epoch']} of {_ran(a)} run, (c) {c['best_epoch']} of "
+                f"{_ran(c)} run (selected on valid {a.get('selection_metric')})")
         if cc:
             c_best = max(cc, key=lambda x: x["value"])
             reach = _time_to_reach(ca, c_best["value"])
@@ -458,7 +498,7 @@ def write_report(out: Path, res: dict) -> None:
             continue
         stop = "wall time" if e["stopped_by_wall_time"] else ("early stop" if e["stopped_early"] else "epoch cap")
         lines.append(f"| {e['label']} | " + " | ".join(_f(e["test"][k]) for k in METRICS)
-                     + f" | {e['best_epoch']} | {e['epochs_run']} | {_f(e['train_seconds'], 0)} | "
+                     + f" | {e['best_epoch']} | {_ran(e)} | {_f(e['train_seconds'], 0)} | "
                        f"{_f(e['eval_seconds'], 0)} | {stop} |")
     lines += ["", "Expectations:", ""]
     for x in res["expectations"]:
@@ -488,7 +528,7 @@ def plot(out: Path, res: dict) -> Path | None:
     for e in res["runs"].values():
         if not e.get("curve"):
             continue
-        c = e["curve"]
+        c = [x for x in e["curve"] if x["epoch"] is not None and x["seconds"] is not None]
         axes[0].plot([x["epoch"] for x in c], [x["value"] for x in c], marker="o", label=e["label"])
         axes[1].plot([x["seconds"] for x in c], [x["value"] for x in c], marker="o", label=e["label"])
     axes[0].set_xlabel("fine-tuning epoch")

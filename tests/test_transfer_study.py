@@ -48,6 +48,27 @@ def test_scientific_title_only_text(shared_data):
         "Schwinn Roadster Kid's Tricycle, 12-Inch Wheel"
 
 
+def test_a_run_cut_before_its_first_epoch_is_a_fractional_point(tmp_path):
+    """The trainer's mid-epoch stop (train.max_wall_time before epoch 1 ends) leaves no
+    history, one evaluation: the study plots it at steps / steps-per-epoch."""
+    mod = _load()
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    shards.mkdir()
+    run.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"splits": {"train": {"samples": 34101}}}))
+    (run / "config.yaml").write_text(f"data: {{url: {shards}, batch_size: 1024}}\n"
+                                     "train: {gradient_accumulation_steps: 8, steps_per_epoch: 0}\n")
+    m = {"history": [], "best_valid": {"ndcg@10": 0.031, "hr@10": 0.06}, "best_step": 2, "world_size": 1,
+         "timings": {"train_seconds": 1500.0, "eval_seconds": 90.0}}
+    assert mod._steps_per_epoch(m, run) == 5       # 34 micro-batches of 1024, 8 per step
+    (point,) = mod._partial_point(m, run)
+    assert point == {"epoch": 0.4, "value": 0.031, "seconds": 1590.0, "partial": True, "steps": 2,
+                     "steps_per_epoch": 5}
+    entry = {"partial_epoch": 0.4, "curve": [point]}
+    assert mod._ran(entry) == "0.40 (2 of 5 steps of epoch 1)"
+    assert mod._partial_point({**m, "history": [{"epoch": 1, "valid/ndcg@10": 0.1}]}, run) == []
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path):
     proc = _run("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--quick")
     assert proc.returncode == 2, proc.stderr
