@@ -279,7 +279,8 @@ def run_study(args) -> dict:
     for name in sorted(need_pre):
         run_dir = out / "runs" / name
         sets = ["data.sample=null", f"data.url={shards / name}", f"train.epochs={p['pretrain_epochs']}",
-                f"train.max_wall_time={p['pretrain_wall_time']}", *scale_sets(args.quick, args.nproc)]
+                f"train.max_wall_time={p['pretrain_wall_time']}", *scale_sets(args.quick, args.nproc),
+                *args.overrides]
         if not (run_dir / "metrics.json").is_file():
             pre_jobs.append((f"pretrain {name}", train_command("transfer_pretrain.yaml", run_dir, sets, args.nproc,
                                                                  (run_dir / "checkpoints").is_dir()),
@@ -303,7 +304,8 @@ def run_study(args) -> dict:
         if pre and pre not in exports:
             continue
         sets = ["data.sample=null", f"data.url={shards / target}", f"train.epochs={p['finetune_epochs']}",
-                f"train.max_wall_time={p['finetune_wall_time']}", *extra, *scale_sets(args.quick, args.nproc)]
+                f"train.max_wall_time={p['finetune_wall_time']}", *extra, *scale_sets(args.quick, args.nproc),
+                *args.overrides]
         if pre:
             sets.append(f"train.init_from={exports[pre]}")
         if not (run_dir / "metrics.json").is_file():
@@ -575,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=1, help="processes per training run (deepspeed launcher if > 1)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every subprocess (default 1)")
     ap.add_argument("--parallel", type=int, default=1, help="training runs at the same time (default 1)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every training run, repeatable (e.g. --set train.max_steps=3 "
+                         "--set data.num_workers=0)")
     ap.add_argument("--report-only", action="store_true", help="only (re)write the results from finished runs")
     ap.add_argument("--no-record-command", dest="record_command", action="store_false",
                     help=argparse.SUPPRESS)
