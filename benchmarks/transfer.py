@@ -498,7 +498,8 @@ def write_report(out: Path, res: dict) -> None:
         if not e["finished"]:
             lines.append(f"| {e['label']} | did not finish / not run | | | | | | | | |")
             continue
-        stop = "wall time" if e["stopped_by_wall_time"] else ("early stop" if e["stopped_early"] else "epoch or step cap")
+        stop = ("wall time" if e["stopped_by_wall_time"]
+                else "early stop" if e["stopped_early"] else "epoch or step cap")
         lines.append(f"| {e['label']} | " + " | ".join(_f(e["test"][k]) for k in METRICS)
                      + f" | {e['best_epoch']} | {_ran(e)} | {_f(e['train_seconds'], 0)} | "
                        f"{_f(e['eval_seconds'], 0)} | {stop} |")
