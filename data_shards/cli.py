@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from .errors import DataError
+
 __all__ = ["main", "register"]
 
 _EPILOG = """\
@@ -21,6 +23,9 @@ examples:
       --format unisrec --input data/samples/scientific_mm --domain scientific_mm --out shards/mix
   mmm4rec data build --format amazon2018 --input Industrial_and_Scientific.csv \\
       --meta meta_Industrial_and_Scientific.json.gz --out shards/sci2018
+  mmm4rec data build --format recbole --input ../shared/data/seqrec_benchmark/amazon2014-beauty \\
+      --format recbole --input ../shared/data/seqrec_benchmark/amazon2014-toy \\
+      --max-users 2000 --sample-seed 0 --out shards/pretrain-mix    # 2,000 users drawn per domain
 
 S3: endpoint and credentials from --endpoint-url or AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY. Several --format/--input pairs build one multi-domain mix
@@ -52,11 +57,35 @@ def _feature_spec(spec: str):
     return FeatureFile(path, **kw)
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _users(value: str) -> int | str:
+    """One ``--max-users`` value: a count >= 1, or '-' (all users)."""
+    return value if value == "-" else _positive_int(value)
+
+
+def _max_users(values, n: int) -> list:
+    """``--max-users``: none, once for every source, or once per source ('-' = all users)."""
+    values = values or []
+    if len(values) not in (0, 1, n):
+        raise DataError("--max-users", f"given {len(values)} times for {n} source(s); give it once (every "
+                        "source) or once per source ('-' = all users)")
+    return _per_source(values * n if len(values) == 1 else values, n, "--max-users")
+
+
 def _per_source(values, n: int, flag: str):
     if not values:
         return [None] * n
     if len(values) != n:
-        raise SystemExit(f"{flag}: given {len(values)} times for {n} source(s); give it once per source ('-' = none)")
+        raise DataError(flag, f"given {len(values)} times for {n} source(s); give it once per source ('-' = none)")
     return [None if v == "-" else v for v in values]
 
 
@@ -84,6 +113,10 @@ def summary(manifest: dict, url: str) -> str:
                         ds["counts_raw"]["interactions"]),
                        (f"after {ds['k_core']}-core", m["num_users"], m["num_items"], m["num_interactions"])],
                       ("", "users", "items", "interactions")))
+    samples = [(d.get("name", m["name"]), d["sample"]) for d in [ds, *(ds.get("domains") or [])] if d.get("sample")]
+    for dom, smp in samples:
+        out.append(f"{dom}: users sampled: {min(smp['max_users'], smp['users_before'])} of {smp['users_before']} "
+                   f"(seed {smp['seed']}), before the k-core filter")
     out.append("")
     out.append(_table([("sequences", len(m["sequences"]["shards"]), seq_bytes),
                        ("items", len(m["items"]["shards"]), item_bytes)], ("shards", "files", "bytes")))
@@ -113,6 +146,7 @@ def _build(args) -> int:
     images = [_feature_spec(s) for s in args.image_features] if args.image_features else [None] * n
     texts = [_feature_spec(s) for s in args.text_features] if args.text_features else [None] * n
     _per_source(images, n, "--image-features")
+    max_users = _max_users(args.max_users, n)
     _per_source(texts, n, "--text-features")
     encoder = None
     if args.text_encoder.lower() != "none":
@@ -121,8 +155,10 @@ def _build(args) -> int:
     t0 = time.perf_counter()
     datasets = [
         import_dataset(fmt, path, name=name, domain=domain, meta=meta, k_core=args.k_core, skip_bad=args.skip_bad,
-                       text_encoder=encoder if tf is None else None, text_features=tf, image_features=imf)
-        for fmt, path, name, domain, meta, tf, imf in zip(args.format, args.input, names, domains, metas, texts, images)
+                       text_encoder=encoder if tf is None else None, text_features=tf, image_features=imf,
+                       max_users=mu, sample_seed=args.sample_seed)
+        for fmt, path, name, domain, meta, tf, imf, mu in zip(args.format, args.input, names, domains, metas, texts,
+                                                              images, max_users)
     ]
     data = datasets[0] if n == 1 else combine_domains(datasets)
     storage = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
@@ -173,6 +209,11 @@ def register(subparsers) -> None:
     b.add_argument("--domain", action="append", help="domain label (default: the name)")
     b.add_argument("--meta", action="append", help="amazon2018: the meta_<Category>.json.gz file")
     b.add_argument("--k-core", type=int, default=5, help="iterative k-core threshold (default 5; 0 = none)")
+    b.add_argument("--max-users", action="append", metavar="N", type=_users,
+                   help="keep a uniform random sample of N users of a source (per domain in a mix), drawn before "
+                        "the k-core filter (use --k-core 0 to keep every interaction of the drawn users); recorded "
+                        "in the manifest. Once: every source; else once per source, '-' = all (default: all users)")
+    b.add_argument("--sample-seed", type=int, default=0, help="seed of the --max-users sample (default 0)")
     b.add_argument("--text-encoder", default="all-MiniLM-L6-v2",
                    help="sentence-transformers model (bundled all-MiniLM-L6-v2 or a local directory), or 'none'")
     b.add_argument("--text-cache", default=_default_cache(), help="text-vector cache directory (default: %(default)s)")

@@ -30,7 +30,8 @@ def import_dataset(fmt: str, path: str | Path, *, name: str | None = None, domai
                    k_core: int = 5, skip_bad: bool = False,
                    text_encoder: TextEncoder | str | None = None, text_cache_dir: str | Path | None = None,
                    text_features: FeatureFile | None = None, image_features: FeatureFile | None = None,
-                   meta: str | Path | None = None, **format_options) -> InteractionData:
+                   meta: str | Path | None = None, max_users: int | None = None, sample_seed: int = 0,
+                   **format_options) -> InteractionData:
     """Import a dataset from its source files (see :mod:`data_shards.formats`).
 
     Args:
@@ -45,6 +46,8 @@ def import_dataset(fmt: str, path: str | Path, *, name: str | None = None, domai
         text_cache_dir: where a named ``text_encoder`` caches vectors by content hash.
         text_features / image_features: pre-computed features joined by original item id.
         meta: ``amazon2018`` only: the ``meta_<Category>.json.gz`` path.
+        max_users / sample_seed: keep a seeded uniform sample of this many users (before
+            the k-core filter), recorded in ``meta.sample``; None keeps all.
         **format_options: passed to the format reader (e.g. RecBole ``time_field=``).
 
     Returns:
@@ -62,7 +65,8 @@ def import_dataset(fmt: str, path: str | Path, *, name: str | None = None, domai
         Path(f.path) for f in (text_features, image_features) if f is not None]
     source = {"format": fmt, "files": {p.name: file_sha256(p) for p in files if p.is_file()}}
     data = process(raw, name=domain or name, fmt=fmt, k_core=k_core,
-                   bad_records=bad.summary() if skip_bad else None, source=source)
+                   bad_records=bad.summary() if skip_bad else None, source=source,
+                   max_users=max_users, sample_seed=sample_seed)
     items = data.items
     if text_features is not None:
         items = join_features(items, "text", text_features, native_index)

@@ -2,7 +2,9 @@
 
 The processing every format goes through (:func:`process`):
 
-1. drop interactions with items that have no metadata (where the format has it),
+1. drop interactions with items that have no metadata (where the format has it);
+   with ``max_users``, keep a seeded uniform sample of that many users (all of each
+   kept user's interactions),
 2. per-user stable sort by time (file order breaks ties; with no timestamps the
    file order is the time, and times become positions 1..n: ``time_source="position"``),
 3. iterative k-core: drop users and items with fewer than ``k`` interactions until
@@ -115,6 +117,7 @@ class DatasetMeta:
     bad_records: dict | None = None
     source: dict = dataclasses.field(default_factory=dict)
     domains: list = dataclasses.field(default_factory=list)
+    sample: dict | None = None     # {"max_users", "seed", "users_before"} of a user subsample
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,12 +180,29 @@ def _k_core(user: np.ndarray, item: np.ndarray, k: int, n_users: int, n_items: i
         keep = new
 
 
+def _sample_users(user: np.ndarray, max_users: int, seed: int) -> tuple[np.ndarray, int]:
+    """Keep-mask [N] of the rows of ``max_users`` users drawn uniformly (without
+    replacement) with ``seed`` from the users present; and how many were present.
+    The first ``max_users`` of one seeded permutation: with the same seed, a smaller
+    sample is contained in a larger one (and reuses its cached text vectors)."""
+    present = np.unique(user)
+    if max_users >= len(present):
+        return np.ones(len(user), dtype=bool), len(present)
+    chosen = np.random.default_rng(seed).permutation(present)[:max_users]
+    return np.isin(user, chosen), len(present)
+
+
 def process(raw: RawInteractions, *, name: str, fmt: str, k_core: int = 5,
-            bad_records: dict | None = None, source: dict | None = None) -> InteractionData:
+            bad_records: dict | None = None, source: dict | None = None,
+            max_users: int | None = None, sample_seed: int = 0) -> InteractionData:
     """Filter, sort and remap ``raw`` (see the module docstring) into :class:`InteractionData`.
 
+    ``max_users``: keep a uniform sample of this many users, drawn with ``sample_seed``
+    before the k-core filter (which may then drop some more); None keeps all.
     The item table has the item text but no text vectors yet (``text_dim == 0``).
     """
+    if max_users is not None and max_users < 1:
+        raise ValueError(f"{name}: max_users must be >= 1, got {max_users}")
     user = np.asarray(raw.user, dtype=np.int64)
     item = np.asarray(raw.item, dtype=np.int64)
     n_users, n_items = len(raw.user_ids), len(raw.item_ids)
@@ -195,6 +215,13 @@ def process(raw: RawInteractions, *, name: str, fmt: str, k_core: int = 5,
     if not meta_ok.all():
         dropped["interactions_without_item_metadata"] = int((~meta_ok).sum())
     user, item, pos = user[meta_ok], item[meta_ok], pos[meta_ok]
+    sample = None
+    if max_users is not None:
+        picked, users_before = _sample_users(user, max_users, sample_seed)
+        if not picked.all():
+            dropped["interactions_of_unsampled_users"] = int((~picked).sum())
+        user, item, pos = user[picked], item[picked], pos[picked]
+        sample = {"max_users": int(max_users), "seed": int(sample_seed), "users_before": int(users_before)}
     time = None if raw.time is None else np.asarray(raw.time, dtype=np.float64)[pos]
     core = _k_core(user, item, k_core, n_users, n_items)
     if not core.all():
@@ -236,7 +263,7 @@ def process(raw: RawInteractions, *, name: str, fmt: str, k_core: int = 5,
     meta = DatasetMeta(
         name=name, format=fmt, time_source=time_source, k_core=k_core, counts_raw=counts_raw,
         counts={"users": len(kept_users), "items": len(kept_items), "interactions": len(u)},
-        dropped=dropped, bad_records=bad_records, source=source or {},
+        dropped=dropped, bad_records=bad_records, source=source or {}, sample=sample,
     )
     return InteractionData(sequences, items, meta)
 

@@ -189,7 +189,9 @@ class ShardedItemTables:
                                             sharders=sharders, device=self.device)
         self.plan = plan
         self._init_trainable()
-        self._dense_opt = self._build_dense_optimizer() if cfg.optimizer == "dense" else None
+        # a model without a trainable item table (no ID term, static fusion) has nothing to step
+        has_trainable = any(t.kind == TRAINABLE for t in self.packed)
+        self._dense_opt = self._build_dense_optimizer() if cfg.optimizer == "dense" and has_trainable else None
 
     # ------------------------------------------------------------------ shards
     def _weights(self) -> dict[str, object]:

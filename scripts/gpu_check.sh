@@ -71,7 +71,7 @@ try:
     meta["triton"] = triton.__version__
 except ImportError:
     meta["triton"] = None
-from mmm4rec.kernels.testing import load_mamba_chunk_scan_combined
+from benchmarks.kernel_checks import load_mamba_chunk_scan_combined
 meta["mamba_ssm"] = load_mamba_chunk_scan_combined()[1]
 json.dump(meta, open(sys.argv[1], "w"), indent=2)
 print("[gpu_check]", meta)

@@ -71,3 +71,31 @@ def test_bad_records_stop_the_build_unless_skip_bad(tmp_path, capsys):
     assert "skipped 1 bad record(s): 1 malformed row" in out
     assert "Office.inter.json: user 0: malformed record" in out
     assert read_manifest(str(tmp_path / "o"))["dataset"]["bad_records"]["skipped"] == 1
+
+
+def test_max_users_per_source_in_a_mix(tmp_path, capsys):
+    """``--max-users``: once for every source or once per source ('-' = all); recorded in
+    the manifest per domain and printed; a bad value is one line and exit 2."""
+    base = ["data", "build", "--text-encoder", "none", "--k-core", "0",
+            "--format", "lcrec", "--input", str(SAMPLES / "office"), "--domain", "office",
+            "--format", "unisrec", "--input", str(SAMPLES / "scientific_mm"), "--domain", "sci"]
+    assert cli.main([*base, "--max-users", "100", "--max-users", "-", "--sample-seed", "3",
+                     "--out", str(tmp_path / "mix")]) == 0
+    out = capsys.readouterr().out
+    assert "office: users sampled: 100 of 1499 (seed 3), before the k-core filter" in out
+    m = read_manifest(str(tmp_path / "mix"))
+    office, sci = m["dataset"]["domains"]
+    assert office["sample"] == {"max_users": 100, "seed": 3, "users_before": 1499} and office["counts"]["users"] == 100
+    assert sci["sample"] is None and sci["counts"]["users"] == 2928
+    assert m["num_users"] == 100 + 2928
+    assert cli.main([*base, "--max-users", "50", "--out", str(tmp_path / "both")]) == 0
+    assert [d["counts"]["users"] for d in read_manifest(str(tmp_path / "both"))["dataset"]["domains"]] == [50, 50]
+    capsys.readouterr()
+    assert cli.main([*base, "--max-users", "1", "--max-users", "2", "--max-users", "3",
+                     "--out", str(tmp_path / "bad")]) == 2
+    assert "--max-users: given 3 times for 2 source(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*base, "--max-users", "0", "--out", str(tmp_path / "bad")])
+    assert exit_.value.code == 2
+    assert "argument --max-users: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -122,3 +122,48 @@ def test_clip_image_features_join_the_full_scientific_set_by_asin(tmp_path):
     assert manifest["splits"]["train"]["samples"] == 34101
     assert read_manifest(str(tmp_path / "sci"))["dataset"]["source"]["files"]["Scientific.feat3CLS"]
     assert sum(1 for _ in iter_sequences(str(tmp_path / "sci"))) == 8442
+
+
+SEQREC = {   # seqrec_benchmark/README.md: users, items, interactions
+    "amazon2014-beauty": (22332, 12086, 198215),
+    "amazon2014-toy": (19124, 11758, 165247),
+    "amazon2018-game": (50597, 16874, 453637),
+    "movielens-1m": (6040, 3416, 999611),
+}
+
+
+@pytest.mark.parametrize("name", list(SEQREC))
+def test_seqrec_benchmark_counts_titles_and_real_timestamps(name):
+    """The RecBole importer reads the seqrec_benchmark sets as they are: README counts,
+    5-core already (the filter drops nothing), the title as item text, unix-second times."""
+    data = import_dataset("recbole", SHARED / "seqrec_benchmark" / name)
+    assert counts(data) == SEQREC[name] == counts(data, raw=False)
+    assert data.meta.time_source == "timestamp" and data.meta.dropped == {}
+    assert all((np.diff(s.times) >= 0).all() for s in data.sequences[:500])
+    assert 8e8 < data.sequences.times.min() and data.sequences.times.max() < 1.6e9
+    raw_titles = dict(line.split("\t", 1) for line in
+                      (SHARED / "seqrec_benchmark" / name / f"{name}.item").read_text().splitlines()[1:])
+    assert data.items.item_text[1] == raw_titles[data.items.item_ids[1]].strip()
+
+
+def test_user_sample_per_domain_is_seeded_nested_and_recorded():
+    """``max_users``: a seeded uniform draw of users (each keeps all its interactions with
+    k_core=0); the same seed gives the same users, a smaller sample is inside a larger one."""
+    path = SHARED / "seqrec_benchmark" / "amazon2014-toy"
+    full = import_dataset("recbole", path, k_core=0)
+    small = import_dataset("recbole", path, k_core=0, max_users=300, sample_seed=7)
+    again = import_dataset("recbole", path, k_core=0, max_users=300, sample_seed=7)
+    large = import_dataset("recbole", path, k_core=0, max_users=1000, sample_seed=7)
+    other = import_dataset("recbole", path, k_core=0, max_users=300, sample_seed=8)
+    users = lambda d: set(d.sequences.user_ids)   # noqa: E731
+    assert len(users(small)) == 300 and users(small) == users(again) and users(small) < users(large)
+    assert users(small) != users(other)
+    assert small.meta.sample == {"max_users": 300, "seed": 7, "users_before": 19124}
+    assert small.meta.counts_raw == full.meta.counts_raw
+    by_id = {s.user_id: len(s.items) for s in full.sequences}
+    assert all(len(s.items) == by_id[s.user_id] for s in small.sequences)   # whole histories
+    assert small.meta.dropped["interactions_of_unsampled_users"] == \
+        full.sequences.num_interactions - small.sequences.num_interactions
+    assert import_dataset("recbole", path, k_core=0, max_users=10**6).meta.counts == full.meta.counts
+    with pytest.raises(ValueError, match="max_users must be >= 1"):
+        import_dataset("recbole", path, max_users=0)
