@@ -90,7 +90,8 @@ def prepare_process_env() -> None:
     warnings.filterwarnings(
         "ignore", category=FutureWarning,
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-    if os.environ.get(SLURM_TASK_FLAG) == "1" and "RANK" not in os.environ:
+    # an srun task's rank is its SLURM_PROCID, whatever RANK/WORLD_SIZE the submitting shell exported
+    if os.environ.get(SLURM_TASK_FLAG) == "1":
         task = slurm_task_env(os.environ)
         os.environ.update(task)
         _log.info(f"task rank {task['RANK']}/{task['WORLD_SIZE']} on host {platform.node()} (node index "

@@ -18,6 +18,7 @@ gradients over ranks, so padding rows and uneven ranks do not change the gradien
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class DistRecModel:
         self.num_items = int(config.num_items)
         self.sampled = sampled                  # dist.config.SampledConfig (train.loss: sampled)
         self.item_counts = item_counts          # [num_items + 1] training-target counts (log-Q), or None
-        self._sampler = None
+        self._sampler: Any = None               # mmm4rec.catalog.NegativeSampler, built on first use
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -125,10 +126,12 @@ class DistRecModel:
         if self._sampler is None:
             counts = self.item_counts if cfg.sampler == "popularity" else None
             self._sampler = NegativeSampler(self.num_items, counts, alpha=cfg.alpha)
+        sampler: NegativeSampler = self._sampler
         out = {"inbatch": cfg.inbatch, "gather": cfg.gather, "mask_hits": cfg.mask_hits}
-        ids = self._sampler.sample(cfg.negatives, generator=None)[0].to(self.device) if cfg.negatives else None
-        n_rows = None
+        ids = sampler.sample(cfg.negatives, generator=None)[0].to(self.device) if cfg.negatives else None
+        n_rows: torch.Tensor | None = None
         if cfg.inbatch and cfg.log_q:
+            assert batch.weight is not None and self.item_counts is not None
             n_rows = (batch.weight > 0).sum().double()
             if cfg.gather:
                 n_rows = self.env.all_reduce_sum(n_rows.detach().clone())
@@ -142,7 +145,7 @@ class DistRecModel:
             if n_rows is not None:
                 e += (n_rows - 1).clamp(min=1.0) * p_data[items]
             if ids is not None:
-                e += cfg.negatives * self._sampler.prob(items).to(self.device)
+                e += cfg.negatives * sampler.prob(items).to(self.device)
             return torch.log(e.clamp(min=1e-30)).float()
 
         if ids is not None:

@@ -179,7 +179,11 @@ def vocab_parallel_ce(u: torch.Tensor, V_local: torch.Tensor, offset: int, targe
     [sum b, chunk_size] in forward and backward (recomputed, never stored).
     """
     valid = torch.ones_like(target, dtype=torch.bool) if weight is None else weight > 0
-    return _VocabParallelCE.apply(u, V_local, int(offset), target, valid, bool(exclude_padding), chunk_size, group)
+    # the softmax is always computed in fp32 (under bf16/fp16 autocast too); autograd casts
+    # the gradients back to the inputs' dtypes
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        return _VocabParallelCE.apply(u.float(), V_local.float(), int(offset), target, valid,
+                                      bool(exclude_padding), chunk_size, group)
 
 
 # ---------------------------------------------------------------------- sampled softmax

@@ -29,3 +29,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
     return SAMPLES
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Tests that call dist.env.prepare_process_env() in-process set RANK/WORLD_SIZE/...; no
+    test may leak its environment into the next one (or into the jobs a later test submits)."""
+    saved = os.environ.copy()
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

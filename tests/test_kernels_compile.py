@@ -4,7 +4,7 @@ ptxas Triton ships) for sm_90, on a machine without a GPU.
 The interpreter tests check the kernels' arithmetic, but the interpreter accepts code the
 compiler rejects (it ran a kernel reading a non-constexpr global, which the compiler
 refuses) and knows nothing of shared memory. This runs
-``python -m mmm4rec.kernels.compile_check --arch 90 --quick`` in a child process without
+``python -m benchmarks.compile_check --arch 90 --quick`` in a child process without
 TRITON_INTERPRET (the compiler and the interpreter cannot share a process) and fails on
 a compile error or a variant over the shared-memory limit. ~1 min; marked slow.
 """
@@ -28,7 +28,7 @@ def test_every_kernel_compiles_for_sm90():
         pytest.skip(f"this triton build ships no ptxas ({ptxas})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mmm4rec.kernels.compile_check", "--arch", "90", "--quick"],
+        [sys.executable, "-m", "benchmarks.compile_check", "--arch", "90", "--quick"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert "kernel variants compiled for sm_90" in proc.stdout

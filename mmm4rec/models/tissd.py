@@ -141,6 +141,7 @@ class TiCoSSD(nn.Module):
             C = self.conv_c(self.vision_proj(h_v))
             z = self.gate_proj(h_v + p_t)
         else:   # the conv's zero padding: positions < 0 enter as 0 (after the projection)
+            assert valid is not None, "rows given without their valid mask"
             C = self.conv_c(self.vision_proj(h_v) * valid.unsqueeze(-1).to(h_v.dtype))[:, -1]
             z = self.gate_proj(h_v[:, -1] + p_t[torch.arange(p_t.shape[0], device=p_t.device), rows])
         if cfg.is_time:

@@ -6,7 +6,7 @@ tile that does not fit in shared memory). This tool runs the real pipeline, Trit
 PTX -> cubin with the ptxas Triton ships, for each kernel at the shapes and dtypes the
 model uses, and reports registers, spills and shared memory per variant:
 
-    python -m mmm4rec.kernels.compile_check [--arch 90 80] [--dtype fp32 bf16] [--quick]
+    python -m benchmarks.compile_check [--arch 90 80] [--dtype fp32 bf16] [--quick]
 
 It stands in a fake driver for the missing GPU (it only answers "which target") and
 launches every kernel in warm-up mode (compile, do not run), so nothing is executed.
@@ -56,8 +56,8 @@ def run(archs, dtypes, quick: bool = False) -> int:
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from . import fourier_fused, ssd_combined
-    from .testing import SSDShape, fourier_inputs, ssd_inputs
+    from benchmarks.kernel_checks import SSDShape, fourier_inputs, ssd_inputs
+    from mmm4rec.kernels import fourier_fused, ssd_combined
 
     state = {"arch": None, "tag": ""}
 
