@@ -20,7 +20,17 @@ from .interactions import (
 from .items import ItemTable
 from .loader import SequenceLoader
 from .samples import collate, expand
-from .shards import ItemRows, build_shards, iter_sequences, load_item_rows, load_item_table, read_manifest
+from .shards import (
+    ItemRows,
+    ItemSource,
+    build_shards,
+    iter_sequences,
+    load_item_rows,
+    load_item_table,
+    read_manifest,
+    write_shard_set,
+)
+from .synthetic import build_synthetic
 
 __all__ = [
     "SAMPLE_DATASETS",
@@ -41,6 +51,7 @@ __all__ = [
     "TextEncoder",
     "UserSequence",
     "build_shards",
+    "build_synthetic",
     "collate",
     "combine_domains",
     "ensure_sample_shards",
@@ -50,5 +61,7 @@ __all__ = [
     "load_item_table",
     "load_item_rows",
     "ItemRows",
+    "ItemSource",
     "read_manifest",
+    "write_shard_set",
 ]

@@ -19,7 +19,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .errors import ManifestError, ShardError
-from .interactions import InteractionData
+from .interactions import DatasetMeta, InteractionData, Sequences
 from .items import ItemTable
 from .samples import SPLITS, num_samples_array
 from .storage import Store
@@ -41,10 +41,12 @@ __all__ = [
     "decode_sequence",
     "iter_sequences",
     "ItemRows",
+    "ItemSource",
     "load_item_rows",
     "load_item_table",
     "read_manifest",
     "read_shard_records",
+    "write_shard_set",
 ]
 
 SCHEMA_VERSION = 1
@@ -106,27 +108,56 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sequence_record(data: InteractionData, u: int) -> dict[str, bytes]:
-    s = data.sequences[u]
+def _sequence_record(seqs: Sequences, u: int) -> dict[str, bytes]:
+    s = seqs[u]
     rec = {"user": s.user, "user_id": s.user_id, "domain": s.domain,
            "items": s.items.tolist(), "times": s.times.tolist()}
     return {"__key__": f"u{u:09d}", "json": json.dumps(rec, separators=(",", ":")).encode()}
 
 
-def _item_record(items: ItemTable, lo: int, hi: int) -> dict[str, bytes]:
-    """Items ``lo..hi-1`` (ids, 1-based) as one record."""
+def _item_record(block: Mapping[str, Any], lo: int, hi: int, dtype: str = "float32") -> dict[str, bytes]:
+    """Items ``lo..hi-1`` (ids, 1-based) as one record; ``block`` holds their rows
+    (:func:`_table_block`); features are written as ``dtype``."""
     rec = {
         "__key__": f"i{lo:09d}",
         "ids.npy": _npy(np.arange(lo, hi, dtype=np.int64)),
-        "text.npy": _npy(items.text[lo:hi]),
-        "text_mask.npy": _npy(items.text_mask[lo:hi]),
-        "image_mask.npy": _npy(items.image_mask[lo:hi]),
-        "meta.json": json.dumps({"item_ids": list(items.item_ids[lo:hi]), "item_text": list(items.item_text[lo:hi]),
-                                 "domain": list(items.domain[lo:hi])}, ensure_ascii=False).encode(),
+        "text.npy": _npy(block["text"].astype(dtype, copy=False)),
+        "text_mask.npy": _npy(block["text_mask"]),
+        "image_mask.npy": _npy(block["image_mask"]),
+        "meta.json": json.dumps({"item_ids": list(block["item_ids"]), "item_text": list(block["item_text"]),
+                                 "domain": list(block["domain"])}, ensure_ascii=False).encode(),
     }
-    if items.image is not None:
-        rec["image.npy"] = _npy(items.image[lo:hi])
+    if block.get("image") is not None:
+        rec["image.npy"] = _npy(block["image"].astype(dtype, copy=False))
     return rec
+
+
+def _table_block(items: ItemTable, lo: int, hi: int) -> dict[str, Any]:
+    """Rows ``lo..hi-1`` of an in-memory :class:`ItemTable` as an item block."""
+    return {"text": items.text[lo:hi], "text_mask": items.text_mask[lo:hi],
+            "image": None if items.image is None else items.image[lo:hi], "image_mask": items.image_mask[lo:hi],
+            "item_ids": items.item_ids[lo:hi], "item_text": items.item_text[lo:hi], "domain": items.domain[lo:hi]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemSource:
+    """The item table as the shard writer reads it: ``num_items`` rows (ids 1..num_items)
+    of ``text_dim`` / ``image_dim`` features (``image_dim`` 0: none), handed out a range
+    at a time by ``block(lo, hi)`` -> ``{"text" [hi-lo, text_dim], "text_mask" [hi-lo],
+    "image" [hi-lo, image_dim] or None, "image_mask", "item_ids", "item_text", "domain"}``.
+    A source need never hold the whole table (``data_shards.synthetic`` generates it)."""
+
+    num_items: int
+    text_dim: int
+    image_dim: int
+    block: Callable[[int, int], Mapping[str, Any]]
+    text_encoder: str | None = None
+    image_encoder: str | None = None
+
+    @classmethod
+    def of_table(cls, items: ItemTable) -> ItemSource:
+        return cls(items.num_items, items.text_dim, items.image_dim, lambda lo, hi: _table_block(items, lo, hi),
+                   items.text_encoder, items.image_encoder)
 
 
 def _put(store: Store, rel: str, blob: bytes, **info) -> dict:
@@ -134,10 +165,13 @@ def _put(store: Store, rel: str, blob: bytes, **info) -> dict:
     return {"path": rel, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), **info}
 
 
+FEATURE_DTYPES = ("float32", "float16")
+
+
 def build_shards(data: InteractionData, out_url: str, shard_size: int = 1000,
                  storage_options: Mapping[str, Any] | None = None, *, items_per_shard: int = 20000,
                  seed: int = 0, shuffle_users: bool = True, extra: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, feature_dtype: str = "float32") -> dict:
     """Write ``data`` as shards + ``manifest.json`` under ``out_url`` (any fsspec URL).
 
     Args:
@@ -146,24 +180,41 @@ def build_shards(data: InteractionData, out_url: str, shard_size: int = 1000,
         seed / shuffle_users: users are spread over shards in a seeded random order, so
             that every shard is a sample of all users (and of all domains of a mix).
         extra: stored as ``manifest["build"]["extra"]`` (e.g. a recipe fingerprint).
+        feature_dtype: ``float32`` or ``float16`` (half the item shards; the trainer's
+            ``tables.feature_dtype: fp16`` keeps them in 16 bit).
 
     Returns:
         The manifest (also written, last, so a crashed build leaves no manifest).
     """
+    check_interaction_data(data)
+    return write_shard_set(data.sequences, data.meta, ItemSource.of_table(data.items), out_url, shard_size,
+                           storage_options, items_per_shard=items_per_shard, seed=seed, shuffle_users=shuffle_users,
+                           extra=extra, progress=progress, feature_dtype=feature_dtype)
+
+
+def write_shard_set(seqs: Sequences, meta: DatasetMeta, items: ItemSource, out_url: str, shard_size: int = 1000,
+                    storage_options: Mapping[str, Any] | None = None, *, items_per_shard: int = 20000,
+                    seed: int = 0, shuffle_users: bool = True, extra: Mapping[str, Any] | None = None,
+                    progress: bool = True, feature_dtype: str = "float32") -> dict:
+    """:func:`build_shards` from sequences and an :class:`ItemSource`: the item shards are
+    written one range of ``items_per_shard`` rows at a time, so memory is one shard's
+    rows whatever the catalog's size. The checks of :func:`check_interaction_data` are
+    the caller's (``build_shards`` makes them)."""
     if shard_size < 1 or items_per_shard < 1:
         raise ValueError(f"shard_size ({shard_size}) and items_per_shard ({items_per_shard}) must be >= 1")
-    check_interaction_data(data)
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype: expected one of {FEATURE_DTYPES}, got {feature_dtype!r}")
     store = Store(out_url, storage_options)
-    seqs, items = data.sequences, data.items
     lengths = seqs.lengths
     order = np.random.default_rng(seed).permutation(len(seqs)) if shuffle_users else np.arange(len(seqs))
     n_seq = -(-len(seqs) // shard_size)
     n_item = -(-items.num_items // items_per_shard)
     seq_shards, item_shards = [], []
+    present = {"text": 0, "image": 0}
     with tqdm(total=n_seq + n_item, desc=f"writing shards to {store.url}", unit="shard", disable=not progress) as bar:
         for k in range(n_seq):
             users = order[k * shard_size:(k + 1) * shard_size]
-            blob = _tar_bytes([_sequence_record(data, int(u)) for u in users])
+            blob = _tar_bytes([_sequence_record(seqs, int(u)) for u in users])
             seq_shards.append(_put(
                 store, f"sequences/seq-{k:05d}.tar", blob, users=len(users),
                 interactions=int(lengths[users].sum()),
@@ -171,28 +222,30 @@ def build_shards(data: InteractionData, out_url: str, shard_size: int = 1000,
             bar.update()
         for k in range(n_item):
             lo, hi = 1 + k * items_per_shard, 1 + min((k + 1) * items_per_shard, items.num_items)
-            blob = _tar_bytes([_item_record(items, lo, hi)])
+            block = items.block(lo, hi)
+            present["text"] += int(np.count_nonzero(block["text_mask"]))
+            present["image"] += int(np.count_nonzero(block["image_mask"]))
+            blob = _tar_bytes([_item_record(block, lo, hi, feature_dtype)])
+            del block
             item_shards.append(_put(store, f"items/items-{k:05d}.tar", blob, first_item=lo, num_items=hi - lo))
             bar.update()
 
     def feature(modality: str):
-        dim = getattr(items, f"{modality}_dim")
-        return {"dim": dim, "dtype": "float32", "encoder": getattr(items, f"{modality}_encoder"),
-                "present": int(getattr(items, f"{modality}_mask").sum())}
+        return {"dim": getattr(items, f"{modality}_dim"), "dtype": feature_dtype,
+                "encoder": getattr(items, f"{modality}_encoder"), "present": present[modality]}
 
-    meta = data.meta.to_dict()
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "name": data.meta.name,
+        "name": meta.name,
         "num_users": len(seqs),
         "num_items": items.num_items,
         "num_interactions": seqs.num_interactions,
-        "time_source": data.meta.time_source,
+        "time_source": meta.time_source,
         "splits": {"scheme": "leave_one_out",
                    **{s: {"users": int((num_samples_array(lengths, s) > 0).sum()),
                           "samples": sum(sh["samples"][s] for sh in seq_shards)} for s in SPLITS}},
         "features": {"text": feature("text"), "image": feature("image")},
-        "dataset": meta,
+        "dataset": meta.to_dict(),
         "sequences": {"record": "<key>.json: {user, user_id, domain, items: [int 1..num_items], times: [float]}",
                       "shards": seq_shards},
         "items": {"record": "<key>.{ids,text,text_mask,image,image_mask}.npy + <key>.meta.json",

@@ -250,7 +250,10 @@ class TrainConfig:
 class EvalConfig:
     """Full-ranking evaluation: HR/NDCG/MRR@ks over all items, every ``every_epochs``
     on valid (early stopping on ``metric`` with ``patience`` evaluations, 0 = never
-    stop early), and on test with the best checkpoint at the end."""
+    stop early), and on test with the best checkpoint at the end. ``top_k_lists: K``
+    also writes each test user's top-K items (by the same weights as the test metrics)
+    to ``OUTPUT_DIR/top_k/test.rank<r>.jsonl`` (the users of rank r), sharded like the
+    evaluation: each rank scores its own items, the lists are merged across ranks."""
 
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     metric: str = "ndcg@10"
@@ -260,8 +263,11 @@ class EvalConfig:
     item_chunk_size: int = 65536   # items looked up / scored per chunk
     tie_improves: bool = False     # an equal metric counts as an improvement (the release's early stopping)
     test: bool = True
+    top_k_lists: int = 0           # K > 0: write each test user's top-K list (top_k/test.rank<r>.jsonl)
 
     def validate(self) -> None:
+        if self.top_k_lists < 0:
+            raise ConfigError(f"top_k_lists: must be >= 0 (0 = none), got {self.top_k_lists}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"ks: expected positive cut-offs, got {self.ks}")
         m = METRIC_RE.match(self.metric)

@@ -174,6 +174,15 @@ class DistRecModel:
         if self.tables.local_range() is None:     # rows looked up: one collective call per rank
             return self._dense(None, self.tables.rows_of_range(lo, hi))[1]
         step = max(1, chunk_size or _ITEM_CHUNK)
+        if not torch.is_grad_enabled() and hi > lo:   # evaluation: filled in place (no second copy for a cat)
+            out = None
+            for a in range(lo, hi, step):
+                v = self._dense(None, self.tables.rows_of_range(a, min(hi, a + step)))[1]
+                if out is None:
+                    out = v.new_empty(hi - lo, v.shape[1])
+                out[a - lo:a - lo + v.shape[0]] = v
+            assert out is not None
+            return out
         parts = [self._dense(None, self.tables.rows_of_range(a, min(hi, a + step)))[1] for a in range(lo, hi, step)]
         if not parts:
             N = self.config.hidden_size
@@ -196,6 +205,23 @@ class DistRecModel:
             return sharded_target_ranks(u, V, lo, batch.target, rank_padding=rank_padding,
                                         history=batch.item_seq if mask_history else None, chunk_size=item_chunk_size)
         return ranks
+
+    def top_k(self, k: int, item_chunk_size: int = 65536, exclude_history: bool = False):
+        """Sharded top-K (``mmm4rec.evaluate.top_k_lists``' hook): this rank's item vectors
+        are encoded once; ``topk(u, batch)`` takes every rank's top-K of the gathered users
+        among its own items and merges the ranks' lists (``mmm4rec.catalog.sharded_topk``):
+        no rank holds the catalog's vectors. Collective per batch."""
+        from mmm4rec.catalog import sharded_topk
+
+        lo, _ = self.item_range
+        with torch.no_grad():
+            V = self.local_item_vectors(item_chunk_size)
+        rank_padding = bool(getattr(self.config, "rank_padding", False))
+
+        def topk(u: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            return sharded_topk(u, V, lo, k, rank_padding=rank_padding,
+                                history=batch.item_seq if exclude_history else None, chunk_size=item_chunk_size)
+        return topk
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -261,8 +261,9 @@ class ShardedItemTables:
                     a, b = max(lo, row_offset), min(lo + w.shape[0], row_offset + n)   # rows in both
                     if a >= b:
                         continue
-                    rows = torch.as_tensor(np.asarray(src[a - row_offset:b - row_offset], dtype=np.float32))
-                    w[a - lo:b - lo, c.start:c.stop] = rows.to(w.device, w.dtype)
+                    # copied in its own type (no float32 copy of an fp16 block: start-up memory)
+                    rows = torch.as_tensor(np.asarray(src[a - row_offset:b - row_offset]))
+                    w[a - lo:b - lo, c.start:c.stop].copy_(rows)
 
     # ------------------------------------------------------------------ this rank's items
     def local_range(self) -> tuple[int, int] | None:

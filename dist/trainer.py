@@ -184,8 +184,26 @@ class Trainer:
         metrics = evaluate(self.model, rng_isolated_batches(self.loaders[split]), ks=e.ks,
                            mask_history=e.mask_history, item_chunk_size=e.item_chunk_size,
                            all_reduce=self.env.all_reduce_sum)
+        if split == "test" and e.top_k_lists:
+            self._write_top_k(split, e.top_k_lists)
         self.state.eval_seconds += time.time() - t0
         return metrics
+
+    def _write_top_k(self, split: str, k: int) -> None:
+        """Each user's top-K of ``split`` (``eval.top_k_lists``): ``top_k/<split>.rank<r>.jsonl``,
+        one JSON line ``{"user", "items", "scores"}`` per user of this rank (item ids are the
+        shard set's 1..|I|); collective (the sharded ranking merges the ranks' lists)."""
+        from mmm4rec.evaluate import top_k_lists
+
+        folder = self.output_dir / "top_k"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{split}.rank{self.env.rank}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            for row in top_k_lists(self.model, rng_isolated_batches(self.loaders[split]), k,
+                                   self.cfg.eval.item_chunk_size):
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
 
     def _log_step(self, epoch: int) -> None:
         st = self.state

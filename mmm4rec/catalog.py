@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["even_ranges", "vocab_parallel_ce", "sampled_softmax_ce", "sharded_target_ranks", "sharded_topk",
-           "NegativeSampler", "gather_rows"]
+           "local_topk", "NegativeSampler", "gather_rows"]
 
 
 # ---------------------------------------------------------------------- process group
@@ -337,26 +337,45 @@ def sharded_target_ranks(u: torch.Tensor, V_local: torch.Tensor, offset: int, ta
 
 
 @torch.no_grad()
+def local_topk(u: torch.Tensor, V: torch.Tensor, offset: int, k: int, *, rank_padding: bool = False,
+               history: torch.Tensor | None = None, chunk_size: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores [b, k], item ids [b, k])``: the top-K of ``u`` among the items ``V`` holds
+    (rows = global ids ``offset ..``), chunk by chunk, never [b, n]. Ties: the lower id
+    first; item 0 is left out unless ``rank_padding``; ``history`` [b, L] items are left
+    out (a user is never recommended what it has seen). Fewer than k items: the missing
+    columns are score -inf, id -1."""
+    B, n = u.shape[0], V.shape[0]
+    mask_below = 0 if rank_padding else 1
+    best_s = torch.full((B, 0), float("-inf"), dtype=u.dtype, device=u.device)
+    best_i = torch.zeros((B, 0), dtype=torch.int64, device=u.device)
+    for lo, hi in _chunks(n, chunk_size):
+        s = _local_logits(u, V, lo, hi, offset, mask_below)
+        if history is not None:
+            seen = (history[:, :, None] == torch.arange(offset + lo, offset + hi, device=u.device)).any(1)
+            s = s.masked_fill(seen, float("-inf"))
+        ids = torch.arange(offset + lo, offset + hi, device=u.device).expand(B, -1)
+        best_s, best_i = _top(torch.cat([best_s, s], 1), torch.cat([best_i, ids], 1), k)
+    if best_s.shape[1] < k:   # pad to k columns (a process with fewer than k items)
+        pad = k - best_s.shape[1]
+        best_s = torch.cat([best_s, torch.full((B, pad), float("-inf"), dtype=best_s.dtype, device=best_s.device)], 1)
+        best_i = torch.cat([best_i, torch.full((B, pad), -1, dtype=torch.int64, device=best_i.device)], 1)
+    best_i = best_i.masked_fill(torch.isneginf(best_s), -1)   # a masked item is no recommendation
+    return best_s, best_i
+
+
+@torch.no_grad()
 def sharded_topk(u: torch.Tensor, V_local: torch.Tensor, offset: int, k: int, *, rank_padding: bool = False,
-                 chunk_size: int | None = None, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 history: torch.Tensor | None = None, chunk_size: int | None = None,
+                 group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores [b, k], item ids [b, k])``: this process's users' top-K over ALL items,
-    each process's local top-K merged (ties: the lower item id first). Collective."""
+    each process's :func:`local_topk` of the gathered users merged (ties: the lower item
+    id first). Collective."""
     rank, ws = _world(group)
     u_all, sizes = gather_rows(u, group)
-    B, n = u_all.shape[0], V_local.shape[0]
-    mask_below = 0 if rank_padding else 1
-    best_s = torch.full((B, 0), float("-inf"), dtype=u_all.dtype, device=u_all.device)
-    best_i = torch.zeros((B, 0), dtype=torch.int64, device=u_all.device)
-    for lo, hi in _chunks(n, chunk_size):
-        s = _local_logits(u_all, V_local, lo, hi, offset, mask_below)
-        ids = torch.arange(offset + lo, offset + hi, device=u_all.device).expand(B, -1)
-        best_s, best_i = _top(torch.cat([best_s, s], 1), torch.cat([best_i, ids], 1), k)
-    # pad to k columns (a process with fewer than k items) so that every process sends [B, k]
-    if best_s.shape[1] < k:
-        pad = k - best_s.shape[1]
-        best_s = torch.cat([best_s, torch.full((B, pad), float("-inf"), dtype=best_s.dtype,
-                                               device=best_s.device)], 1)
-        best_i = torch.cat([best_i, torch.full((B, pad), -1, dtype=torch.int64, device=best_i.device)], 1)
+    h_all = gather_rows(history, group)[0] if history is not None else None
+    best_s, best_i = local_topk(u_all, V_local, offset, k, rank_padding=rank_padding, history=h_all,
+                                chunk_size=chunk_size)
     if ws > 1:
         import torch.distributed as tdist
 

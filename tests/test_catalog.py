@@ -157,7 +157,8 @@ def _rank_case(rank, ws, k, use_history, rank_padding):
     lo, hi = catalog.even_ranges(N_ROWS, ws)[rank]
     r = catalog.sharded_target_ranks(u[rows], V[lo:hi], lo, target[rows], rank_padding=rank_padding,
                                      history=history[rows] if use_history else None, chunk_size=4)
-    s, i = catalog.sharded_topk(u[rows], V[lo:hi], lo, k, rank_padding=rank_padding, chunk_size=3)
+    s, i = catalog.sharded_topk(u[rows], V[lo:hi], lo, k, rank_padding=rank_padding, chunk_size=3,
+                                history=history[rows] if use_history else None)
     return r, s, i
 
 
@@ -185,11 +186,18 @@ def _check_ranks(k, out, use_history, rank_padding):
     a.update(ref_ranks, weight)
     b.update(ranks, weight)
     assert a.compute() == b.compute()
-    # top-K: by score, ties by the lower id
+    # top-K: by score, ties by the lower id; with the history, its items are never listed
     ids = torch.arange(N_ROWS).expand_as(scores)
+    if use_history:
+        seen = (history[:, :, None] == torch.arange(N_ROWS)).any(1)
+        unmasked = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+        assert seen.gather(1, unmasked)[:, :].any()              # the mask changes some lists
+        scores = scores.masked_fill(seen, float("-inf"))
     order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]   # ids ascending within ties
+    top_s = scores.gather(1, order)
+    assert torch.isfinite(top_s).all()
     assert torch.equal(torch.cat([o[2] for o in out]), ids.gather(1, order))
-    assert torch.equal(torch.cat([o[1] for o in out]), scores.gather(1, order))
+    assert torch.equal(torch.cat([o[1] for o in out]), top_s)
 
 
 # ---------------------------------------------------------------------- sampled softmax
