@@ -57,18 +57,15 @@ def _peak_mb() -> float:
 
 
 def _features(lo: int, hi: int, dim: int, dtype: torch.dtype, block: int = 65536) -> torch.Tensor:
-    """Rows lo..hi-1 of a synthetic feature table: a function of (row block) only, so
-    every process agrees on every row it holds."""
-    out = torch.empty(hi - lo, dim, dtype=dtype)
-    for b in range(lo // block, (max(hi, 1) - 1) // block + 1):
-        b_lo, b_hi = b * block, (b + 1) * block
-        g = torch.Generator().manual_seed(1000 + b)
-        vals = torch.randn(block, dim, generator=g).to(dtype)
-        a, z = max(lo, b_lo), min(hi, b_hi)
-        if a < z:
-            out[a - lo:z - lo] = vals[a - b_lo:z - b_lo]
-    if lo == 0 and hi > 0:
-        out[0] = 0
+    """Rows lo..hi-1 of the synthetic catalog's features (``data_shards.synthetic``: a row
+    is the same whatever range a process asks for; row 0 the padding), made a block at a
+    time in ``dtype``."""
+    from data_shards.synthetic import synthetic_text
+
+    out = torch.zeros(hi - lo, dim, dtype=dtype)
+    for a in range(max(lo, 1), hi, block):
+        z = min(hi, a + block)
+        out[a - lo:z - lo] = torch.from_numpy(synthetic_text(a, z, dim, seed=1000))
     return out
 
 

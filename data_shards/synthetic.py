@@ -24,7 +24,8 @@ from .interactions import DatasetMeta, InteractionData, Sequences
 from .items import ItemTable
 from .shards import ItemSource, write_shard_set
 
-__all__ = ["BLOCK", "build_synthetic", "synthetic_data", "synthetic_item_block", "synthetic_sequences"]
+__all__ = ["BLOCK", "build_synthetic", "synthetic_data", "synthetic_item_block", "synthetic_sequences",
+           "synthetic_text"]
 
 #: ids per independently seeded block of feature rows
 BLOCK = 4096
@@ -35,12 +36,11 @@ def _item_ids(lo: int, hi: int) -> list[str]:
     return [f"s{i}" for i in range(lo, hi)]
 
 
-def synthetic_item_block(lo: int, hi: int, text_dim: int, seed: int = 0) -> dict[str, Any]:
-    """Rows ``lo..hi-1`` (ids >= 1) of the synthetic item table, as an item block of
-    :class:`~data_shards.shards.ItemSource`: float32 text vectors (N(0, 1/text_dim)
-    entries, norm ~1), every text present, no image."""
+def synthetic_text(lo: int, hi: int, text_dim: int, seed: int = 0) -> np.ndarray:
+    """float32 text vectors [hi - lo, text_dim] of items ``lo..hi-1`` (ids >= 1): N(0,
+    1/text_dim) entries (norm ~1); every ``BLOCK`` ids from their own seeded generator."""
     if lo < 1 or hi < lo:
-        raise ValueError(f"synthetic_item_block: rows {lo}..{hi - 1} (ids start at 1)")
+        raise ValueError(f"synthetic_text: rows {lo}..{hi - 1} (ids start at 1)")
     text = np.empty((hi - lo, text_dim), np.float32)
     scale = np.float32(1.0 / np.sqrt(text_dim))
     for b in range(lo // BLOCK, (hi - 1) // BLOCK + 1 if hi > lo else lo // BLOCK):
@@ -51,6 +51,14 @@ def synthetic_item_block(lo: int, hi: int, text_dim: int, seed: int = 0) -> dict
             rng.standard_normal((a - b_lo, text_dim), dtype=np.float32)
         rng.standard_normal((z - a, text_dim), dtype=np.float32, out=text[a - lo:z - lo])
         text[a - lo:z - lo] *= scale
+    return text
+
+
+def synthetic_item_block(lo: int, hi: int, text_dim: int, seed: int = 0) -> dict[str, Any]:
+    """Rows ``lo..hi-1`` (ids >= 1) of the synthetic item table, as an item block of
+    :class:`~data_shards.shards.ItemSource`: :func:`synthetic_text`, every text present,
+    no image."""
+    text = synthetic_text(lo, hi, text_dim, seed)
     n = hi - lo
     return {"text": text, "text_mask": np.ones(n, bool), "image": None, "image_mask": np.zeros(n, bool),
             "item_ids": _item_ids(lo, hi), "item_text": [""] * n, "domain": [_DOMAIN] * n}
