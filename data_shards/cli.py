@@ -187,7 +187,7 @@ def _synth(args) -> int:
 
 
 def _inspect(args) -> int:
-    from . import load_item_table, read_manifest
+    from . import load_item_rows, read_manifest
     from .shards import Store, decode_sequence, read_shard_records
 
     storage = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
@@ -199,7 +199,9 @@ def _inspect(args) -> int:
             where = store.display(entry["path"])
             for rec in read_shard_records(store, entry, verify=True):
                 decode_sequence(rec, where, int(manifest["num_items"]))   # ids in 1..num_items
-        load_item_table(args.url, storage, verify=True)                    # finite features
+        n, block = int(manifest["num_items"]), 1 << 20                  # finite features, a block of rows at a
+        for lo in range(0, n + 1, block):                                 # time (any catalog size)
+            load_item_rows(args.url, lo, min(n + 1, lo + block), storage, verify=True, manifest=manifest)
         print(f"\nverified {len(manifest['sequences']['shards']) + len(manifest['items']['shards'])} shards "
               "against the manifest checksums; every item id is in 1..num_items, every feature finite")
     return 0
