@@ -260,6 +260,8 @@ class EvalConfig:
     item_chunk_size: int = 65536   # items looked up / scored per chunk
     tie_improves: bool = False     # an equal metric counts as an improvement (the release's early stopping)
     test: bool = True
+    at_start: bool = False         # also evaluate the initial weights on valid: epoch 0 of the history
+                                   # (the zero-shot quality of a pretrained start; never a "best")
 
     def validate(self) -> None:
         if not self.ks or any(k < 1 for k in self.ks):
