@@ -1,8 +1,11 @@
 """The bundled sample datasets (``data/samples/``) and their shard recipes.
 
-Both share one feature layout so that a model pre-trained on one fine-tunes on the
-other: text = offline all-MiniLM-L6-v2 (384-d), image = 512-d (CLIP ViT-B/32 image
-features for ``scientific_mm``; ``office`` has no images: zero rows, mask False).
+All share one feature layout so that a model pre-trained on one fine-tunes on
+another: text = offline all-MiniLM-L6-v2 (384-d), image = 512-d (CLIP ViT-B/32 image
+features for ``scientific_mm``; ``office`` and ``amazon_mix`` have no images: zero
+rows, mask False). ``amazon_mix`` is a multi-domain mix (one RecBole folder per
+domain, combined by :func:`data_shards.combine_domains` as ``mmm4rec data build`` does
+for several ``--input`` sources); its provenance is in ``data/samples/PROVENANCE.md``.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from mmm4rec.paths import REPO_ROOT, text_cache_dir
 from .errors import DataError, ManifestError
 from .features import DEFAULT_TEXT_ENCODER, FeatureFile, TextEncoder
 from .importer import file_sha256, import_dataset
+from .interactions import combine_domains
 from .shards import build_shards, read_manifest
 
 __all__ = ["SAMPLES_DIR", "SAMPLE_DATASETS", "ensure_sample_shards"]
@@ -34,13 +38,18 @@ SAMPLE_DATASETS: dict[str, dict] = {
                       "image": {"file": "Scientific.feat3CLS", "dim": IMAGE_DIM,
                                 "encoder": "CLIP ViT-B/32 image (MISSRec .feat3CLS)"},
                       "shard_size": 250, "items_per_shard": 1000},
+    # Beauty, Toys, Health (Amazon 2014) and Games (Amazon 2018): titles, real timestamps.
+    # The folders are already 5-core samples (derive.py); k_core 0 keeps them as they are.
+    "amazon_mix": {"format": "recbole", "dir": "amazon_mix", "k_core": 0, "image": None,
+                   "domains": ["amazon2014-beauty", "amazon2014-toy", "amazon2014-health", "amazon2018-game"],
+                   "shard_size": 250, "items_per_shard": 1000},
 }
 _RECIPE_VERSION = 1
 
 
 def _fingerprint(name: str, recipe: dict) -> str:
     src = SAMPLES_DIR / recipe["dir"]
-    files = {p.name: file_sha256(p) for p in sorted(src.iterdir()) if p.is_file()}
+    files = {str(p.relative_to(src)): file_sha256(p) for p in sorted(src.rglob("*")) if p.is_file()}
     key = {"version": _RECIPE_VERSION, "name": name, "recipe": recipe, "files": files,
            "text_encoder": DEFAULT_TEXT_ENCODER}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -51,7 +60,7 @@ def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Pat
     """Build (unless already built from the same files) the shards of sample ``name``.
 
     Args:
-        name: ``"office"`` or ``"scientific_mm"``.
+        name: a key of :data:`SAMPLE_DATASETS` (``"office"``, ``"scientific_mm"``, ``"amazon_mix"``).
         out_dir: the shards go to ``<out_dir>/<name>``.
         cache_dir: text-vector cache (default ``mmm4rec.paths.text_cache_dir()``, shared by
             every build on the machine); a rebuild reuses it.
@@ -76,10 +85,14 @@ def ensure_sample_shards(name: str, out_dir: str | Path, *, cache_dir: str | Pat
     image = recipe["image"]
     encoder = TextEncoder(DEFAULT_TEXT_ENCODER, cache_dir=cache_dir or text_cache_dir(),
                           progress=progress)
-    data = import_dataset(
-        recipe["format"], src, name=recipe["name"], domain=name, k_core=recipe["k_core"], text_encoder=encoder,
-        image_features=None if image is None else FeatureFile(str(src / image["file"]), format="raw",
-                                                              dim=image["dim"], encoder=image["encoder"]))
+    if "domains" in recipe:   # a multi-domain mix: one source folder per domain
+        data = combine_domains([import_dataset(recipe["format"], src / d, domain=d, k_core=recipe["k_core"],
+                                               text_encoder=encoder) for d in recipe["domains"]])
+    else:
+        data = import_dataset(
+            recipe["format"], src, name=recipe["name"], domain=name, k_core=recipe["k_core"], text_encoder=encoder,
+            image_features=None if image is None else FeatureFile(str(src / image["file"]), format="raw",
+                                                                  dim=image["dim"], encoder=image["encoder"]))
     if data.items.image is None:
         n = data.items.num_items + 1
         data.items = data.items.with_features(image=np.zeros((n, IMAGE_DIM), np.float32),

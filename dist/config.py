@@ -264,6 +264,8 @@ class EvalConfig:
     tie_improves: bool = False     # an equal metric counts as an improvement (the release's early stopping)
     test: bool = True
     top_k_lists: int = 0           # K > 0: write each test user's top-K list (top_k/test.rank<r>.jsonl)
+    at_start: bool = False         # also evaluate the initial weights on valid: epoch 0 of the history
+                                   # (the zero-shot quality of a pretrained start; never a "best")
 
     def validate(self) -> None:
         if self.top_k_lists < 0:

@@ -1,18 +1,20 @@
 """``mmm4rec quickstart``: the whole transfer pipeline on bundled real data, on this machine.
 
-1. builds WebDataset shards of the two bundled samples on local disk (standing in
-   for S3; the same code reads ``s3://``): ``office`` (Amazon Office Products, text)
-   and ``scientific_mm`` (Amazon Scientific, text + CLIP image vectors);
-2. pretrains MMM4Rec on ``office`` with 2 processes through the ``deepspeed``
-   launcher (DeepSpeed ZeRO-2 for the dense weights, torchrec for the item tables;
-   gloo on CPU);
+1. builds WebDataset shards of two bundled samples on local disk (standing in for S3;
+   the same code reads ``s3://``): ``amazon_mix`` (four Amazon domains: Beauty, Toys,
+   Health, Games; item titles, real timestamps) and ``scientific_mm`` (Amazon
+   Scientific, text + CLIP image vectors);
+2. pretrains MMM4Rec on ``amazon_mix`` (``--pretrain-data office``: the Office sample)
+   with 2 processes through the ``deepspeed`` launcher (DeepSpeed ZeRO-2 for the dense
+   weights, torchrec for the item tables; gloo on CPU);
 3. exports the transferable weights of the best checkpoint (``mmm4rec export``);
-4. fine-tunes on ``scientific_mm`` from that export, and from scratch for comparison;
-5. prints the test metrics of both and the best epochs, writes ``summary.json`` and
-   ``validation_curves.png`` into the run directory.
+4. fine-tunes on ``scientific_mm`` from that export, and from scratch for comparison,
+   the same epochs each; epoch 0 is the start's own valid evaluation (``eval.at_start``);
+5. prints the test metrics of both, their valid metrics at equal epochs, and writes
+   ``summary.json`` and ``validation_curves.png`` into the run directory.
 
-About 3-4 minutes on a 2-core CPU machine (222 s measured with cold caches: DeepSpeed's
-shared-memory op and the MiniLM text vectors are built once per machine and cached).
+About 4-5 minutes on a 2-core CPU machine (DeepSpeed's shared-memory op and the MiniLM
+text vectors are built once per machine and cached).
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def _launch(name: str, run_dir: Path, args: list[str], nproc: int, launcher: str
     for h in metrics["history"]:
         valid = ", ".join(f"{k.removeprefix('valid/')} {v:.4f}" for k, v in h.items()
                           if k in ("valid/ndcg@10", "valid/hr@10"))
-        _say(f"    epoch {h['epoch']}: train loss {h['train_loss']:.4f}" + (f", valid {valid}" if valid else ""))
+        loss = f"train loss {h['train_loss']:.4f}" if "train_loss" in h else "initial weights"
+        _say(f"    epoch {h['epoch']}: {loss}" + (f", valid {valid}" if valid else ""))
     _say(f"{name}: done in {time.time() - t0:.0f}s, best epoch {metrics.get('best_epoch')}")
     return out
 
@@ -70,6 +73,21 @@ def _table(rows: list[tuple[str, dict]]) -> str:
         test = m.get("test") or {}
         lines.append(f"{label:<32}{m.get('best_epoch') or '-':>11}"
                      + "".join(f"{test.get(c, float('nan')):>9.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def _epoch_table(runs: dict[str, dict]) -> str:
+    """Validation NDCG@10 / HR@10 per epoch, one column pair per run (equal-epoch comparison)."""
+    curves = {label: {h["epoch"]: h for h in m["history"] if "valid/ndcg@10" in h} for label, m in runs.items()}
+    epochs = sorted({e for c in curves.values() for e in c})
+    if not epochs:
+        return ""
+    head = f"{'epoch':>5}" + "".join(f"{label + ' ndcg@10':>32}{'hr@10':>8}" for label in curves)
+    lines = [head, "-" * len(head)]
+    for e in epochs:
+        cells = [(c[e]["valid/ndcg@10"], c[e]["valid/hr@10"]) if e in c else (float("nan"),) * 2
+                 for c in curves.values()]
+        lines.append(f"{e:>5}" + "".join(f"{n:>32.4f}{h:>8.4f}" for n, h in cells))
     return "\n".join(lines)
 
 
@@ -119,19 +137,20 @@ def _run(args) -> int:
     _say(f"run directory: {run_dir}")
 
     # 1. shards on local disk (an s3:// URL works the same way: data.url=s3://bucket/prefix)
-    from data_shards import SAMPLE_DATASETS, ensure_sample_shards
+    from data_shards import ensure_sample_shards
 
     t0 = time.time()
     # MiniLM vectors come from the machine-wide text cache (mmm4rec.paths): encoded once
+    pre_data = args.pretrain_data
     shards = {name: ensure_sample_shards(name, run_dir / "shards", progress=False)
-              for name in SAMPLE_DATASETS}
-    _say(f"shards built in {time.time() - t0:.0f}s: {shards['office']}, {shards['scientific_mm']}")
+              for name in (pre_data, "scientific_mm")}
+    _say(f"shards built in {time.time() - t0:.0f}s: {shards[pre_data]}, {shards['scientific_mm']}")
 
     data = lambda name: ["--set", "data.sample=null", "--set", f"data.url={shards[name]}"]  # noqa: E731
     epochs = lambda n: ["--set", f"train.epochs={n}"] if n else []  # noqa: E731
 
     # 2. pretraining
-    pre = _launch("pretrain", run_dir, ["--config", str(CONFIGS / "quickstart_pretrain.yaml"), *data("office"),
+    pre = _launch("pretrain", run_dir, ["--config", str(CONFIGS / "quickstart_pretrain.yaml"), *data(pre_data),
                                         *epochs(args.pretrain_epochs)], args.nproc, args.launcher)
     # 3. export of the best checkpoint (the run also left one in pretrain/export)
     from dist.export import export_checkpoint
@@ -150,6 +169,7 @@ def _run(args) -> int:
     metrics = {label: json.loads((path / "metrics.json").read_text()) for label, path in runs.items()}
     pre_metrics = json.loads((pre / "metrics.json").read_text())
     table = _table(list(metrics.items()))
+    by_epoch = _epoch_table(metrics)
     plot = _plot(metrics, run_dir / "validation_curves.png")
     total = time.time() - t_start
     summary = {"run_dir": str(run_dir), "shards": shards, "export": str(export), "wall_seconds": round(total, 1),
@@ -160,10 +180,14 @@ def _run(args) -> int:
     print()
     n_test = metrics[next(iter(metrics))]["test"]["count"]
     print(f"Test metrics of the best checkpoint (full ranking over all {n_test:.0f}"
-          f" test users' targets against every item; pretraining on office: best epoch "
+          f" test users' targets against every item; pretraining on {pre_data}: best epoch "
           f"{pre_metrics['best_epoch']}, valid ndcg@10 {pre_metrics['best_valid']['ndcg@10']:.4f})")
     print(table)
     print()
+    if by_epoch:
+        print("Validation NDCG@10 at equal epochs (the same budget for both):")
+        print(by_epoch)
+        print()
     _say(f"total wall time {total:.0f}s; summary {run_dir / 'summary.json'}"
          + (f"; validation curves {plot}" if plot else ""))
     _say("TensorBoard: tensorboard --logdir " + str(run_dir))
@@ -176,10 +200,11 @@ def register(subparsers) -> None:
     command(
         subparsers, "quickstart", run,
         help="pretrain -> export -> fine-tune on bundled real data (2 processes, CPU is enough)",
-        description="Build shards of the bundled samples on local disk, pretrain MMM4Rec on 'office' with 2 "
-                    "processes through the deepspeed launcher (ZeRO-2 + torchrec), export, fine-tune on "
-                    "'scientific_mm' from the export and from scratch, print the test metrics and save the "
-                    "validation curves. About 3-4 minutes on 2 CPU cores, one-time builds included.",
+        description="Build shards of the bundled samples on local disk, pretrain MMM4Rec on 'amazon_mix' (four "
+                    "Amazon domains) with 2 processes through the deepspeed launcher (ZeRO-2 + torchrec), "
+                    "export, fine-tune on 'scientific_mm' from the export and from scratch (same epochs), print "
+                    "the test metrics and the valid metrics per epoch, and save the validation curves. About 4-5 "
+                    "minutes on 2 CPU cores, one-time builds included.",
         arguments=[
             arg("--run-dir", default=None, help="output directory (default runs/quickstart-<time>; must be new)"),
             arg("--nproc", type=int, default=2, help="processes per run"),
@@ -187,6 +212,10 @@ def register(subparsers) -> None:
             arg("--pretrain-epochs", type=int, default=None, help="override configs/quickstart_pretrain.yaml"),
             arg("--finetune-epochs", type=int, default=None, help="override configs/quickstart_finetune.yaml"),
             arg("--no-scratch", action="store_true", help="skip the from-scratch comparison run"),
+            arg("--pretrain-data", choices=("amazon_mix", "office"), default="amazon_mix",
+                help="bundled pretraining sample: 'amazon_mix' (Beauty, Toys, Health, Games: four Amazon "
+                     "domains, titles, real timestamps) or 'office' (Amazon Office Products); see "
+                     "data/samples/PROVENANCE.md"),
         ])
 
 

@@ -223,6 +223,8 @@ class Trainer:
         model, loader = self.model, self.loaders["train"]
         guard = NonFiniteGuard(self.env, cfg.train.max_nonfinite_steps)
         mark_training_loop()
+        if cfg.eval.at_start and st.step == 0 and not st.history:
+            self._evaluate_start()
         model.train()
         while st.epoch < cfg.train.epochs and not st.stopped_early and not self.wall_time_hit:
             if cfg.train.max_steps and st.step >= cfg.train.max_steps:
@@ -282,6 +284,14 @@ class Trainer:
             self._end_epoch(epoch, float(totals[0] / max(float(totals[1]), 1.0)))
         self.monitor.log(f"training done: {st.step} steps, {st.epoch} epochs"
                          + (" (early stop)" if st.stopped_early else ""))
+
+    def _evaluate_start(self) -> None:
+        """``eval.at_start``: the initial weights on valid, as epoch 0 of the history (no
+        train loss; not a candidate for the best checkpoint, which is always trained)."""
+        valid = self._evaluate("valid")
+        row = {f"valid/{k}": v for k, v in valid.items() if k != "count"}
+        self.state.history.append({"epoch": 0, "step": 0, **row})
+        self.monitor.log(f"epoch 0 (initial weights): valid {self.cfg.eval.metric} {valid[self.cfg.eval.metric]:.4f}")
 
     def out_of_wall_time(self) -> bool:
         """``train.max_wall_time`` (seconds since this process started the run) used up:

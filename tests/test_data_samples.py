@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, pytestconfig):
-    """Both samples built once into one directory: ``out``, ``urls`` {name: url}, ``cpu``
+    """The three samples built once into one directory: ``out``, ``urls`` {name: url}, ``cpu``
     seconds, ``cold`` (whether the text cache was empty) and the ``cache`` directory.
 
     The text vectors are cached in ``mmm4rec.paths.text_cache_dir()``, so only a first run (``cold``)
@@ -34,7 +34,8 @@ def built(tmp_path_factory, pytestconfig):
     cache = text_cache_dir()   # the machine-wide cache the quickstart and dist tests share
     cold = not any(cache.rglob("*.npz"))
     t0 = time.process_time()
-    urls = {n: ensure_sample_shards(n, out, cache_dir=cache, progress=False) for n in ("office", "scientific_mm")}
+    urls = {n: ensure_sample_shards(n, out, cache_dir=cache, progress=False)
+            for n in ("office", "scientific_mm", "amazon_mix")}
     return SimpleNamespace(out=out, urls=urls, cpu=time.process_time() - t0, cold=cold, cache=cache)
 
 
@@ -50,17 +51,24 @@ def test_bundle_is_small_and_documented():
     assert not any("ml-100k" in str(p) or "movielens" in str(p).lower() for p in SAMPLES_DIR.rglob("*"))
 
 
-def test_both_samples_share_the_feature_layout(built):
+def test_samples_share_the_feature_layout(built):
     urls = built.urls
     # reported, not asserted: speed is the benchmarks' business (docs/data.md)
-    print(f"building both samples took {built.cpu:.0f} CPU seconds (cold text cache: {built.cold})")
-    office, sci = (read_manifest(urls[n]) for n in ("office", "scientific_mm"))
-    for m in (office, sci):
+    print(f"building the samples took {built.cpu:.0f} CPU seconds (cold text cache: {built.cold})")
+    office, sci, mix = (read_manifest(urls[n]) for n in ("office", "scientific_mm", "amazon_mix"))
+    for m in (office, sci, mix):
         assert m["features"]["text"]["dim"] == 384 and m["features"]["image"]["dim"] == 512
         assert m["features"]["text"]["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert (office["num_users"], office["num_items"], office["num_interactions"]) == (1499, 398, 17284)
     assert (sci["num_users"], sci["num_items"], sci["num_interactions"]) == (2928, 1585, 19712)
     assert office["features"]["image"]["present"] == 0 and sci["features"]["image"]["present"] == 1585
+    # amazon_mix: the four folders' counts of PROVENANCE.md, mixed as separate domains (ids prefixed)
+    assert (mix["num_users"], mix["num_items"], mix["num_interactions"]) == (346 + 220 + 369 + 394, 473, 9514)
+    assert mix["features"]["image"]["present"] == 0
+    table = load_item_table(urls["amazon_mix"])
+    assert sorted(set(table.domain[1:])) == ["amazon2014-beauty", "amazon2014-health", "amazon2014-toy",
+                                             "amazon2018-game"]
+    assert table.image.shape == (474, 512) and not table.image.any() and table.text_mask[1:].all()
 
 
 def test_item_tables(built):

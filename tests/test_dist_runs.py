@@ -163,6 +163,28 @@ def table_url(run: Path) -> str:
     return yaml.safe_load((run / "config.yaml").read_text())["data"]["url"]
 
 
+def test_eval_at_start_is_the_zero_shot_of_the_export(runs, tmp_path):
+    """``eval.at_start``: epoch 0 of the history is the valid evaluation of the initial
+    weights, here the pretrain export's (no ID term, so the export is the whole model):
+    equal to a one-process evaluation of that export; it never becomes the best epoch."""
+    from dist.evaluate_cmd import evaluate_path
+
+    out = tmp_path / "at_start"
+    export = runs["pretrain"] / "export"
+    _ok(launch(out, TINY_FT, ["model.use_id=false", "train.epochs=1", "train.steps_per_epoch=2", "eval.test=false",
+                              "eval.at_start=true", f"train.init_from={export}"], nproc=1, launcher="none"),
+        "fine-tune with eval.at_start")
+    m = _metrics(out)
+    zero, first = m["history"][0], m["history"][1]
+    assert zero["epoch"] == 0 and zero["step"] == 0 and "train_loss" not in zero
+    assert first["epoch"] == 1 and "train_loss" in first and m["best_epoch"] == 1
+    single = evaluate_path(str(export), str(out / "config.yaml"), "valid")
+    shown = {k.removeprefix("valid/"): v for k, v in zero.items() if k.startswith("valid/")}
+    assert {"hr@10", "ndcg@10", "mrr@10"} <= shown.keys()
+    for k, v in shown.items():
+        assert v == pytest.approx(single[k], abs=1e-9), k
+
+
 def test_finetune_from_export_starts_from_its_weights(runs):
     """The transfer run (ZeRO 1, from the pretrain export) and the scratch run (ZeRO 3,
     random dense init) are the same experiment otherwise: the transfer run's first
