@@ -18,6 +18,7 @@ from mmm4rec.kernels.fourier_ref import DFT_MAX_LEN, irfft_ortho, rfft_ortho
 from mmm4rec.kernels.ssd_ref import _expand_groups, ssd_quadratic_ref, ssd_rows_ref
 from mmm4rec.models.base import SeqInput
 from mmm4rec.models.layers import Dropout, causal_depthwise_conv_silu
+from mmm4rec.models.packing import Packed
 from tests.test_model import loud_time, random_batch, tiny_cfg, with_features
 
 
@@ -68,6 +69,44 @@ def test_last_position_path_equals_full_path(layers, max_len):
     scale = outs[False][0].abs().max().item()
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=rtol, atol=atol_rel * scale)
     _assert_grads_close(outs[False][1], outs[True][1], names, rtol, atol_rel)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_packed_tokens_equal_dense_path(layers, gathered, monkeypatch):
+    """The training step's packed sequence stream (positions up to the read one only)
+    equals the dense one (every position, as in eval mode): the whole full-softmax loss
+    and every gradient, with garbage after each history (it must not matter), a history
+    of length 1 and a padding row of length 0. Packing is asserted to be in use."""
+    model = _model(layers, torch.float32, max_len=9)
+    batch = random_batch(model.config, b=7, seed=4)
+    batch["item_seq_len"][1], batch["item_seq_len"][2] = 1, 0
+    pad = torch.arange(9)[None] >= batch["item_seq_len"][:, None]
+    batch["item_seq"][pad] = torch.randint(1, model.num_items + 1, (int(pad.sum()),))
+    batch["weight"][2] = 0.0
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    made = []
+    orig = Packed.__init__
+
+    def spy(self, *a):
+        orig(self, *a)
+        made.append(self)
+
+    monkeypatch.setattr(Packed, "__init__", spy)
+    out = {}
+    for training in (False, True):          # eval: dense (dropout is 0 either way)
+        model.train(training)
+        if gathered:
+            loss = model.calculate_loss(batch, "full")
+        else:                               # dist/'s way: looked-up sequence rows
+            seq = SeqInput.from_batch(Batch.of(batch), model.tables(batch["item_seq"]))
+            u = model.dense.user_vectors(seq)
+            loss = (u * torch.linspace(-1, 1, u.shape[1])).sum()
+        out[training] = (loss, _grads(model, loss)[0])
+        assert len(made) == int(training)
+    assert made[0].tok.numel() == int(batch["item_seq_len"].clamp(1, 9).sum())
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    _assert_grads_close(out[False][1], out[True][1], names, 1e-4, 1e-5)
 
 
 @pytest.mark.parametrize("fusion", ["static", "dynamic_shared"])

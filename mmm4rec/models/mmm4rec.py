@@ -12,6 +12,7 @@ from ..kernels import fourier_filter, use_backend
 from .base import SeqInput, SeqRecModel, TableSpec
 from .configs import MMM4RecConfig
 from .layers import ComplexLinear, Dropout, FeedForward
+from .packing import DENSE, Dense, Packed
 from .tissd import TiCoSSD, TiSSD, init_weights
 
 MODALITIES = ("text", "image")
@@ -37,15 +38,15 @@ class MMM4RecLayer(nn.Module):
         self.norm_c = nn.LayerNorm(N, eps=eps)
         self.ffn_c = FeedForward(N, cfg.inner_size, cfg.dropout_prob, eps)
 
-    def forward(self, x_t, x_v, d_t, d_v, rows: torch.Tensor | None = None):
-        """x_t, x_v [b, L, N]; d_t, d_v [b, H, L] (None when is_time is off).
+    def forward(self, x_t, x_v, d_t, d_v, rows: torch.Tensor | None = None, lay: Dense | Packed = DENSE):
+        """x_t, x_v [b, L, N] (``lay`` packed: [T, N]); d_t, d_v [b, H, L] (None when is_time is off).
 
         ``rows`` [b] given (the last layer: the user vector reads one position), the
         returned vision stream is that position's only, [b, N]: the vision branch's output
         is computed at the K = d_conv positions up to it (all the cross block's C reads),
         the cross block's gate, scan output, norms and FFN there alone (same values and
         gradients, tests/test_model_fast_path.py::test_last_position_path_equals_full_path)."""
-        y_t, d_t2 = self.tissd(x_t, d_t)
+        y_t, d_t2 = self.tissd(x_t, d_t, lay=lay)
         p_t = self.norm_t(self.drop(y_t) + x_t)
         if self.ffn_t is not None:
             p_t = self.ffn_t(p_t)
@@ -55,15 +56,15 @@ class MMM4RecLayer(nn.Module):
             win = rows[:, None] - (self.cfg.d_conv - 1) + torch.arange(self.cfg.d_conv, device=rows.device)
             valid = win >= 0
             win = win.clamp(min=0)
-            x_v_res = x_v[torch.arange(x_v.shape[0], device=x_v.device)[:, None], win]
-        y_v, d_v2 = self.tissd(x_v, d_v, win)
+            x_v_res = lay.at(x_v, win)
+        y_v, d_v2 = self.tissd(x_v, d_v, win, lay)
         h_v = self.norm_v(self.drop(y_v) + x_v_res)
         d_f = None
         if self.cfg.is_time:
             d_f = fourier_filter(d_t2, d_v2, self.cl_a.params(), self.cl_b.params(), self.cl_c.params())
-        y = self.ticossd(p_t, h_v, d_f, rows, valid)
+        y = self.ticossd(p_t, h_v, d_f, rows, valid, lay)
         if rows is not None:
-            h_v, p_t_rows = h_v[:, -1], p_t[torch.arange(p_t.shape[0], device=p_t.device), rows]
+            h_v, p_t_rows = h_v[:, -1], lay.at(p_t, rows)
         else:
             p_t_rows = p_t
         y = self.ffn_c(self.norm_c(self.drop(y) + h_v + p_t_rows))
@@ -147,13 +148,23 @@ class MMM4RecDense(nn.Module):
         return d.to(torch.float32)
 
     def user_vectors(self, seq: SeqInput, adapted=None, last_only: bool = True) -> torch.Tensor:
-        """u [b, N]. ``adapted``: (a_t, a_v) [b, L, N] of the sequence's items when already
-        computed (gathered from the catalog's), else from ``seq.rows``. ``last_only``: the
-        last layer computes what the read position needs only (False: every position, then
-        the read one is taken; the reference the fast path is tested against)."""
+        """u [b, N]. ``adapted``: (a_t, a_v) [|I| + 1, N] of the whole catalog when already
+        computed (the sequence's rows are gathered from them by id), else from ``seq.rows``.
+        ``last_only``: the last layer computes what the read position needs only (False:
+        every position, then the read one is taken; the reference the fast path is tested
+        against). In training (grad enabled, ``training``) with ``last_only`` the sequence
+        stream is computed at the positions up to the read one only (:mod:`.packing`)."""
         cfg = self.cfg
-        if adapted is None:
-            adapted = [self.adapt(seq.rows, i) for i in range(len(MODALITIES))]
+        L = seq.item_seq.shape[1]
+        lay: Dense | Packed = DENSE
+        if last_only and self.training and torch.is_grad_enabled():
+            lay = Packed(seq.item_seq_len, L)
+        if adapted is not None:
+            ids = lay.pack(seq.item_seq) if lay.packed else seq.item_seq
+            adapted = [a[ids] for a in adapted]
+        else:
+            rows = {k: lay.pack(v) for k, v in seq.rows.items()} if lay.packed else seq.rows
+            adapted = [self.adapt(rows, i) for i in range(len(MODALITIES))]
         x = [self.input_norm[m](self.emb_drop(a)) for m, a in zip(MODALITIES, adapted)]
         d = [None, None]
         if cfg.is_time:
@@ -165,7 +176,7 @@ class MMM4RecDense(nn.Module):
         last = (seq.item_seq_len - 1).clamp(min=0)
         for i, layer in enumerate(self.layers):
             rows = last if last_only and i == len(self.layers) - 1 else None
-            x_t, x_v, d[0], d[1] = layer(x_t, x_v, d[0], d[1], rows)
+            x_t, x_v, d[0], d[1] = layer(x_t, x_v, d[0], d[1], rows, lay)
         return x_v if last_only else x_v[torch.arange(x_v.shape[0], device=x_v.device), last]
 
     def forward(self, seq: SeqInput | None = None, items: dict[str, torch.Tensor] | None = None,
@@ -173,12 +184,11 @@ class MMM4RecDense(nn.Module):
         """(u, V). ``seq_rows_from_items``: ``items`` holds rows 0..|I| of the whole catalog
         in id order, so the sequence's adapter outputs are gathered from the catalog's
         (``seq.rows`` is not read): the adapters run once per step, not twice."""
-        adapted_items = adapted_seq = None
+        adapted_items = None
         if seq is not None and items is not None and seq_rows_from_items:
             adapted_items = (self.adapt(items, 0), self.adapt(items, 1))
-            adapted_seq = [a[seq.item_seq] for a in adapted_items]
         with use_backend(None if self.cfg.kernels == "auto" else self.cfg.kernels):
-            u = self.user_vectors(seq, adapted_seq) if seq is not None else None
+            u = self.user_vectors(seq, adapted_items) if seq is not None else None
         v = self.item_vectors(items, adapted_items) if items is not None else None
         return u, v
 

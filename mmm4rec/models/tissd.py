@@ -15,6 +15,7 @@ from ..kernels import ssd, ssd_rows
 from ..kernels.ssd_ref import ssd_quadratic_ref
 from .configs import MMM4RecConfig
 from .layers import CausalDepthwiseConv, Dropout, GatedRMSNorm, TimeBranch
+from .packing import DENSE, Dense, Packed
 
 
 def split_linear(linear: nn.Linear, inputs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
@@ -44,11 +45,12 @@ class _SSDCore(nn.Module):
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.rmsnorm_eps)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size)
 
-    def scan(self, xs, dt, B, C, z, rows: torch.Tensor | None = None):
+    def scan(self, xs, dt, B, C, z, rows: torch.Tensor | None = None, lay: Dense | Packed = DENSE):
         """xs [b,L,E], dt [b,L,H] (pre-softplus), B/C [b,L,G*S], z [b,L,E] -> [b,L,N].
 
         ``rows`` ([b] or [b, R] positions) given: the output there only, [b, N] / [b, R, N];
-        C and z are then C and the gate at those positions ([b, G*S] / [b, R, G*S], ...)."""
+        C and z are then C and the gate at those positions ([b, G*S] / [b, R, G*S], ...).
+        Otherwise z and the output are in ``lay``'s layout ([T, ...] when packed)."""
         cfg = self.cfg
         b, L, _ = xs.shape
         if rows is not None:
@@ -65,7 +67,7 @@ class _SSDCore(nn.Module):
             y = ssd_quadratic_ref(*args)
         else:
             y = ssd(*args, chunk_size=cfg.chunk_size)
-        return self.out_proj(self.norm(y.reshape(b, L, cfg.d_inner), z))
+        return self.out_proj(self.norm(lay.flat(y.reshape(b, L, cfg.d_inner)), z))
 
 
 class TiSSD(nn.Module):
@@ -89,22 +91,23 @@ class TiSSD(nn.Module):
             self.gate = nn.Linear(cfg.max_len, 1)
             self.time_norm = nn.LayerNorm(cfg.max_len, eps=cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, d: torch.Tensor | None, rows: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, d: torch.Tensor | None, rows: torch.Tensor | None = None,
+                lay: Dense | Packed = DENSE):
+        """``lay``: the layout of x and of the output at every position (packed: [T, N])."""
         cfg = self.cfg
         E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
+        z, xbc, dt = split_linear(self.in_proj, [x if rows is None else lay.at(x, rows), x, x], [E, E + 2 * GS, H])
+        xs, B, C = torch.split(self.conv(lay.grid(xbc)), [E, GS, GS], dim=-1)
+        dt = lay.grid(dt)
         if rows is not None:
-            ar = torch.arange(x.shape[0], device=x.device)[:, None]
-        z, xbc, dt = split_linear(self.in_proj, [x if rows is None else x[ar, rows], x, x], [E, E + 2 * GS, H])
-        xs, B, C = torch.split(self.conv(xbc), [E, GS, GS], dim=-1)
-        if rows is not None:
-            C = C[ar, rows]
+            C = DENSE.at(C, rows)
         d_out = d
         if cfg.is_time:
             T = self.time(d)                                   # [b, H, L]
             dt = dt * T.transpose(1, 2)
             g = torch.sigmoid(self.gate(self.gate_drop(d)))    # [b, H, 1]
             d_out = self.time_norm(g * d + (1 - g) * T)
-        return self.core.scan(xs, dt, B, C, z, rows), d_out
+        return self.core.scan(xs, dt, B, C, z, rows, lay), d_out
 
 
 class TiCoSSD(nn.Module):
@@ -132,21 +135,22 @@ class TiCoSSD(nn.Module):
             self.time = TimeBranch(cfg.max_len, H, cfg.d_conv, cfg.time_dropout_prob)
 
     def forward(self, p_t: torch.Tensor, h_v: torch.Tensor, d_f: torch.Tensor | None,
-                rows: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+                rows: torch.Tensor | None = None, valid: torch.Tensor | None = None, lay: Dense | Packed = DENSE):
         cfg = self.cfg
         E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
         xb, dt = split_linear(self.text_proj, [p_t, p_t], [E + GS, H])
-        xs, B = torch.split(self.conv_xb(xb), [E, GS], dim=-1)
+        xs, B = torch.split(self.conv_xb(lay.grid(xb)), [E, GS], dim=-1)
+        dt = lay.grid(dt)
         if rows is None:
-            C = self.conv_c(self.vision_proj(h_v))
+            C = self.conv_c(lay.grid(self.vision_proj(h_v)))
             z = self.gate_proj(h_v + p_t)
         else:   # the conv's zero padding: positions < 0 enter as 0 (after the projection)
             assert valid is not None, "rows given without their valid mask"
             C = self.conv_c(self.vision_proj(h_v) * valid.unsqueeze(-1).to(h_v.dtype))[:, -1]
-            z = self.gate_proj(h_v[:, -1] + p_t[torch.arange(p_t.shape[0], device=p_t.device), rows])
+            z = self.gate_proj(h_v[:, -1] + lay.at(p_t, rows))
         if cfg.is_time:
             dt = dt * self.time(d_f).transpose(1, 2)
-        return self.core.scan(xs, dt, B, C, z, rows)
+        return self.core.scan(xs, dt, B, C, z, rows, lay)
 
 
 def init_weights(module: nn.Module, std: float) -> None:
