@@ -163,8 +163,8 @@ class MMM4RecDense(nn.Module):
             ids = lay.pack(seq.item_seq) if lay.packed else seq.item_seq
             adapted = [a[ids] for a in adapted]
         else:
-            rows = {k: lay.pack(v) for k, v in seq.rows.items()} if lay.packed else seq.rows
-            adapted = [self.adapt(rows, i) for i in range(len(MODALITIES))]
+            seq_rows = {k: lay.pack(v) for k, v in seq.rows.items()} if lay.packed else seq.rows
+            adapted = [self.adapt(seq_rows, i) for i in range(len(MODALITIES))]
         x = [self.input_norm[m](self.emb_drop(a)) for m, a in zip(MODALITIES, adapted)]
         d = [None, None]
         if cfg.is_time:
