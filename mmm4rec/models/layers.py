@@ -121,6 +121,18 @@ class CausalDepthwiseConv(nn.Module):
         self.conv = nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1)
         self.channels_last = channels_last
 
+    def blocks(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The conv of the channel concatenation of ``xs`` ([b, L, C_i] each, channels
+        last; sum C_i = channels), returned per block: one call per block, so neither the
+        input nor, in backward, its gradient is concatenated into one [b, L, C] copy."""
+        w, bias = self.conv.weight[:, 0, :], self.conv.bias
+        out, lo = [], 0
+        for x in xs:
+            n = x.shape[-1]
+            out.append(causal_depthwise_conv_silu(x, w[lo:lo + n], bias[lo:lo + n]))
+            lo += n
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.conv.weight[:, 0, :]                               # [C, K]
         if self.channels_last:                                      # x [b, L, C]

@@ -74,8 +74,10 @@ class TiSSD(nn.Module):
     """Time-aware SSD block. ONE instance serves both modality branches.
 
     forward(X [b, L, N], D [b, H, L]) -> (Y [b, L, N], D_out [b, H, L]); with ``rows``
-    [b, R] (positions), Y at those positions only, [b, R, N]: the gate half of the input
-    projection, the scan output, norm and out projection are computed there alone.
+    [b, K] (the K = d_conv positions up to the read one, clamped at 0: what the cross
+    block reads), Y at those positions only, [b, K, N]: the gate half of the input
+    projection, the scan output, norm and out projection are computed there alone, and C
+    (which the scan reads there only) from the 2K - 1 positions its causal conv needs.
     """
 
     def __init__(self, cfg: MMM4RecConfig):
@@ -95,12 +97,22 @@ class TiSSD(nn.Module):
                 lay: Dense | Packed = DENSE):
         """``lay``: the layout of x and of the output at every position (packed: [T, N])."""
         cfg = self.cfg
-        E, GS, H = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads
-        z, xbc, dt = split_linear(self.in_proj, [x if rows is None else lay.at(x, rows), x, x], [E, E + 2 * GS, H])
-        xs, B, C = torch.split(self.conv(lay.grid(xbc)), [E, GS, GS], dim=-1)
+        E, GS, H, K = cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_heads, cfg.d_conv
+        if rows is None:
+            z, xbc, dt = split_linear(self.in_proj, [x, x, x], [E, E + 2 * GS, H])
+            xs, B, C = torch.split(self.conv(lay.grid(xbc)), [E, GS, GS], dim=-1)
+        else:
+            # C at rows = its conv at the 2K - 1 positions read - 2K + 2 .. read (zero before 0,
+            # the conv's padding); every row is >= read - K + 1, so its conv reads inside
+            read = rows[:, -1:]
+            span = read - (2 * K - 2) + torch.arange(2 * K - 1, device=rows.device)
+            z, xb, C, dt = split_linear(self.in_proj, [lay.at(x, rows), x, lay.at(x, span.clamp(min=0)), x],
+                                        [E, E + GS, GS, H])
+            C = C * (span >= 0).unsqueeze(-1).to(C.dtype)
+            xb, C = self.conv.blocks([lay.grid(xb), C])
+            xs, B = torch.split(xb, [E, GS], dim=-1)
+            C = DENSE.at(C, rows - read + 2 * K - 2)
         dt = lay.grid(dt)
-        if rows is not None:
-            C = DENSE.at(C, rows)
         d_out = d
         if cfg.is_time:
             T = self.time(d)                                   # [b, H, L]
