@@ -40,12 +40,26 @@ NUM_ITEMS = 4385
 
 
 # --------------------------------------------------------------------------- worker side
-def _worker(src: str, threads: int) -> None:
+def _retain_freed_memory() -> bool:
+    """This tree's ``mmm4rec/cpu_memory.py`` (what the trainer applies on CPU), loaded by
+    path so that the baseline tree's worker gets the same process setting."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_cpu_memory", ROOT / "mmm4rec" / "cpu_memory.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.retain_freed_memory()
+
+
+def _worker(src: str, threads: int, allocator: str) -> None:
     """Serve JSON commands on stdin with the ``mmm4rec`` package found in ``src``."""
     import torch
 
     sys.path.insert(0, src)
     torch.set_num_threads(threads)
+    if allocator == "retain" and not _retain_freed_memory():
+        print("train_step.py: --allocator retain: mallopt not available here; default allocator", file=sys.stderr)
     from gpu_step import make_batch  # this script's folder (the same batches as the GPU rows)
 
     import mmm4rec
@@ -129,12 +143,14 @@ def _worker(src: str, threads: int) -> None:
 
 # --------------------------------------------------------------------------- parent side
 class Worker:
-    def __init__(self, src: Path, threads: int):
+    def __init__(self, src: Path, threads: int, allocator: str):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    PYTHONPATH=str(src))
         env.pop("TRITON_INTERPRET", None)
         env.pop("MMM4REC_KERNELS", None)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(src), "--threads", str(threads)],
+        env.pop("MMM4REC_RETAIN_FREED_MEMORY", None)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(src), "--threads", str(threads),
+                                      "--allocator", allocator],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=src)
 
     def __call__(self, **cmd) -> dict:
@@ -249,13 +265,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per configuration")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round and tree")
     ap.add_argument("--profile", action="store_true", help="top ops of both trees at the first configuration")
+    ap.add_argument("--allocator", choices=["retain", "default"], default="retain",
+                    help="retain (default): both workers keep freed memory for reuse, as the trainer does on "
+                         "CPU (mmm4rec/cpu_memory.py), so the ratio is the model code's; default: glibc's defaults")
     ap.add_argument("--quick", action="store_true", help="every code path at tiny sizes (tests)")
     ap.add_argument("--json", type=Path, help="write the results as JSON")
     ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        _worker(args.worker, args.threads[0])
+        _worker(args.worker, args.threads[0], args.allocator)
         return 0
     if args.quick:
         args.batches, args.threads, args.layers, args.long = [8], [1], [1, 2], [64]
@@ -263,9 +282,10 @@ def main() -> int:
 
     load = os.getloadavg()
     head = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} cores, "
-            f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the start")
+            f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the start, allocator {args.allocator})")
     lines = [f"# Training step, this tree vs {args.baseline_commit} ({head})", ""]
-    results: dict = {"header": head, "baseline_commit": args.baseline_commit, "numerics": [], "steps": [],
+    results: dict = {"header": head, "baseline_commit": args.baseline_commit, "allocator": args.allocator,
+                     "numerics": [], "steps": [],
                      "profile": {}, "ssd": []}
     configs = [dict(layers=n, L=20, batch=b) for b in args.batches for n in args.layers]
     configs += [dict(layers=n, L=L, batch=max(1, args.long_tokens // L)) for L in args.long for n in args.layers]
@@ -275,7 +295,7 @@ def main() -> int:
         base_src.mkdir()
         extract_baseline(args.baseline_commit, base_src)
         for threads in args.threads:
-            pair = {"base": Worker(base_src, threads), "new": Worker(ROOT, threads)}
+            pair = {"base": Worker(base_src, threads, args.allocator), "new": Worker(ROOT, threads, args.allocator)}
             try:
                 if threads == args.threads[0]:     # numerics once per layer count and length
                     for cfg in {(c["layers"], c["L"]): c for c in configs}.values():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmm4rec.config import ConfigError
+from mmm4rec.cpu_memory import retain_freed_memory
 
 from .cli import free_port, process_env
 
@@ -79,7 +80,9 @@ def prepare_process_env() -> None:
       from its SLURM_* ones (:func:`slurm_task_env`),
     * a single-process run gets ``RANK=0 WORLD_SIZE=1`` and a free local port,
     * CPU threads: ``OMP_NUM_THREADS`` if set, else the cores split between the
-      processes of this node.
+      processes of this node,
+    * on CPU, freed memory kept for reuse (:func:`mmm4rec.cpu_memory.retain_freed_memory`;
+      ``MMM4REC_RETAIN_FREED_MEMORY=0`` turns it off).
     """
     import warnings
 
@@ -108,6 +111,8 @@ def prepare_process_env() -> None:
         os.environ.setdefault("LOCAL_SIZE", str(local_world))   # DeepSpeed's CPU accelerator counts devices by it
     threads = os.environ.get("OMP_NUM_THREADS") or (os.cpu_count() or 1) // max(local_world, 1)
     torch.set_num_threads(max(1, int(threads)))
+    if not cuda:   # activations from reused heap memory, not fresh pages each step (mmm4rec/cpu_memory.py)
+        retain_freed_memory()
 
 
 @dataclass(frozen=True)
