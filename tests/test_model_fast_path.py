@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mmm4rec import MMM4Rec
 from mmm4rec.contract import Batch
 from mmm4rec.kernels.fourier_ref import DFT_MAX_LEN, irfft_ortho, rfft_ortho
-from mmm4rec.kernels.ssd_ref import _expand_groups, ssd_quadratic_ref, ssd_rows_ref
+from mmm4rec.kernels.ssd_ref import _expand_groups, ssd_quadratic_folded, ssd_quadratic_ref, ssd_rows_ref
 from mmm4rec.models.base import SeqInput
 from mmm4rec.models.layers import Dropout, causal_depthwise_conv_silu
 from mmm4rec.models.packing import Packed
@@ -197,6 +197,27 @@ def test_ssd_rows_equal_quadratic_rows(G, multi):
     go = torch.randn_like(out)
     for a, r in zip(torch.autograd.grad(out, ins, go), torch.autograd.grad(full, ins, go)):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("G", [2, 4])
+@pytest.mark.parametrize("L", [1, 13])
+def test_folded_dual_form_equals_quadratic_ref(G, L):
+    """The CPU dual form (step factors folded into the L x L matrix) equals the reference's,
+    values and all seven gradients (float64, and fp32 at the model's tolerance)."""
+    g = torch.Generator().manual_seed(L + G)
+    b, H, P, S = 3, 4, 5, 6
+    ins = [torch.randn(b, L, H, P, generator=g, dtype=torch.float64), torch.randn(b, L, H, generator=g,
+           dtype=torch.float64), -torch.rand(H, generator=g, dtype=torch.float64) - 0.5,
+           torch.randn(b, L, G, S, generator=g, dtype=torch.float64),
+           torch.randn(b, L, G, S, generator=g, dtype=torch.float64), torch.rand(H, dtype=torch.float64),
+           torch.randn(H, generator=g, dtype=torch.float64)]
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        xs = [t.detach().to(dtype).requires_grad_() for t in ins]
+        ref, out = ssd_quadratic_ref(*xs), ssd_quadratic_folded(*xs)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        go = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype)
+        for a, r in zip(torch.autograd.grad(out, xs, go), torch.autograd.grad(ref, xs, go)):
+            torch.testing.assert_close(a, r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
 
 
 def test_groups_equal_heads_is_not_copied():

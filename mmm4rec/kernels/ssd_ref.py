@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ssd_quadratic_ref",
+    "ssd_quadratic_folded",
     "ssd_chunked_ref",
     "ssd_rows_ref",
     "ssd_chunk_cumsum_ref",
@@ -61,6 +62,25 @@ def ssd_quadratic_ref(x, dt, A, B, C, D, dt_bias):
     scores = torch.einsum("bthn,bshn->btsh", Ch, Bh) * decay  # [b, t, s, H]
     y = torch.einsum("btsh,bshp->bthp", scores, u)
     return y + D[None, None, :, None] * u
+
+
+def ssd_quadratic_folded(x, dt, A, B, C, D, dt_bias):
+    """:func:`ssd_quadratic_ref` with the per-step factors folded into the [b, H, L, L]
+    matrix: y_t = sum_s M_ts x_s, M_ts = (C_t . B_s) exp(cum_t - cum_s) dt_s + [t = s] D dt_t.
+    Same values; the dt scaling and the skip term act on the L x L matrix instead of the
+    [b, L, H, P] input (no u = dt * x, no D * u, fewer passes over the largest tensor),
+    and the products run head-major. The CPU path for sequences within one chunk
+    (tests/test_model_fast_path.py::test_folded_dual_form_equals_quadratic_ref)."""
+    bsz, L, H, P = x.shape
+    dt_hat = F.softplus(dt + dt_bias).transpose(1, 2)                  # [b, H, L]
+    Bh, Ch = _expand_groups(B, H), _expand_groups(C, H)                # [b, L, H, S]
+    cum = torch.cumsum(dt_hat * A[:, None], dim=-1)                    # [b, H, L]
+    seg = cum.unsqueeze(-1) - cum.unsqueeze(-2)                        # [b, H, t, s] = cum_t - cum_s
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(seg.masked_fill(~causal, float("-inf")))
+    scores = torch.matmul(Ch.transpose(1, 2), Bh.permute(0, 2, 3, 1))  # [b, H, t, s] = C_t . B_s
+    M = scores * decay * dt_hat.unsqueeze(-2) + torch.diag_embed(D[:, None] * dt_hat)
+    return torch.matmul(M, x.transpose(1, 2)).transpose(1, 2)         # [b, L, H, P]
 
 
 def ssd_rows_ref(x, dt, A, B, C_rows, D, dt_bias, rows):
