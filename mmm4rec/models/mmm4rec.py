@@ -152,12 +152,13 @@ class MMM4RecDense(nn.Module):
         computed (the sequence's rows are gathered from them by id), else from ``seq.rows``.
         ``last_only``: the last layer computes what the read position needs only (False:
         every position, then the read one is taken; the reference the fast path is tested
-        against). In training (grad enabled, ``training``) with ``last_only`` the sequence
-        stream is computed at the positions up to the read one only (:mod:`.packing`)."""
+        against). In CPU training (grad enabled, ``training``) with ``last_only`` the
+        sequence stream is computed at the positions up to the read one only
+        (:mod:`.packing`; not on GPUs, where its index sync is not yet measured)."""
         cfg = self.cfg
         L = seq.item_seq.shape[1]
         lay: Dense | Packed = DENSE
-        if last_only and self.training and torch.is_grad_enabled():
+        if last_only and self.training and torch.is_grad_enabled() and seq.item_seq.device.type == "cpu":
             lay = Packed(seq.item_seq_len, L)
         if adapted is not None:
             ids = lay.pack(seq.item_seq) if lay.packed else seq.item_seq
