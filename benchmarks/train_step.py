@@ -41,8 +41,8 @@ NUM_ITEMS = 4385
 
 # --------------------------------------------------------------------------- worker side
 def _retain_freed_memory() -> bool:
-    """This tree's ``mmm4rec/cpu_memory.py`` (what the trainer applies on CPU), loaded by
-    path so that the baseline tree's worker gets the same process setting."""
+    """This tree's ``mmm4rec/cpu_memory.py`` (what the trainer applies on CPU when asked),
+    loaded by path so that the baseline tree's worker gets the same process setting."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_cpu_memory", ROOT / "mmm4rec" / "cpu_memory.py")
@@ -265,9 +265,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per configuration")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round and tree")
     ap.add_argument("--profile", action="store_true", help="top ops of both trees at the first configuration")
-    ap.add_argument("--allocator", choices=["retain", "default"], default="retain",
-                    help="retain (default): both workers keep freed memory for reuse, as the trainer does on "
-                         "CPU (mmm4rec/cpu_memory.py), so the ratio is the model code's; default: glibc's defaults")
+    ap.add_argument("--allocator", choices=["default", "retain"], default="default",
+                    help="default: glibc's defaults (what a run gets); retain: both workers keep freed memory "
+                         "for reuse (mmm4rec/cpu_memory.py, the trainer's MMM4REC_RETAIN_FREED_MEMORY=1)")
     ap.add_argument("--quick", action="store_true", help="every code path at tiny sizes (tests)")
     ap.add_argument("--json", type=Path, help="write the results as JSON")
     ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmm4rec.config import ConfigError
-from mmm4rec.cpu_memory import retain_freed_memory
+from mmm4rec.cpu_memory import retain_freed_memory_if_asked
 
 from .cli import free_port, process_env
 
@@ -81,8 +81,8 @@ def prepare_process_env() -> None:
     * a single-process run gets ``RANK=0 WORLD_SIZE=1`` and a free local port,
     * CPU threads: ``OMP_NUM_THREADS`` if set, else the cores split between the
       processes of this node,
-    * on CPU, freed memory kept for reuse (:func:`mmm4rec.cpu_memory.retain_freed_memory`;
-      ``MMM4REC_RETAIN_FREED_MEMORY=0`` turns it off).
+    * on CPU with ``MMM4REC_RETAIN_FREED_MEMORY=1``, freed memory kept for reuse
+      (:func:`mmm4rec.cpu_memory.retain_freed_memory`: faster steps, higher peak memory).
     """
     import warnings
 
@@ -111,8 +111,8 @@ def prepare_process_env() -> None:
         os.environ.setdefault("LOCAL_SIZE", str(local_world))   # DeepSpeed's CPU accelerator counts devices by it
     threads = os.environ.get("OMP_NUM_THREADS") or (os.cpu_count() or 1) // max(local_world, 1)
     torch.set_num_threads(max(1, int(threads)))
-    if not cuda:   # activations from reused heap memory, not fresh pages each step (mmm4rec/cpu_memory.py)
-        retain_freed_memory()
+    if not cuda:   # opt-in: activations from reused heap memory, not fresh pages each step
+        retain_freed_memory_if_asked()
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,16 @@ training step at the paper's sizes ([batch, L, 1536] fp32 is 31 MiB at batch 256
 at 1024) arrives as new pages, zeroed by the kernel and faulted in one by one. Measured
 with ``benchmarks/train_step.py``'s model (1 thread, 2 layers): 80,000 minor page faults
 per step at batch 256 and 1.5 million at batch 1024 (2.1 s of system time out of 7.5 s);
-with :func:`retain_freed_memory` 1,400 and 300,000, and the step 1.1x / 1.35x faster.
+with :func:`retain_freed_memory` 1,400 and 300,000, and the step 1.1x / 1.35x faster
+(a first measurement of this tree; the step is faster either way, see docs/benchmarks.md).
 
-The setting is process-wide and changes no numerics; the cost is that the process keeps
-up to ``limit`` bytes of freed memory mapped for the next step instead of returning it.
-The trainer applies it on CPU (``dist/env.py``); ``MMM4REC_RETAIN_FREED_MEMORY=0``
-turns it off. This module imports nothing from the package (``benchmarks/train_step.py``
-loads it by path into the baseline tree's worker too).
+The setting is process-wide and changes no numerics; the cost is memory: the process keeps
+freed blocks (up to ``limit`` bytes at the heap top, plus whatever fragmentation holds)
+for the next step instead of returning them, which raises the peak resident set that the
+catalog-scale runs are sized by (docs/benchmarks.md, "Catalog scale"). So it is opt-in:
+``MMM4REC_RETAIN_FREED_MEMORY=1`` makes the trainer apply it on CPU (``dist/env.py``
+calls :func:`retain_freed_memory_if_asked`). This module imports nothing from the package
+(``benchmarks/train_step.py`` loads it by path into the baseline tree's worker too).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["ENV_VAR", "retain_freed_memory"]
+__all__ = ["ENV_VAR", "retain_freed_memory", "retain_freed_memory_if_asked"]
 
 ENV_VAR = "MMM4REC_RETAIN_FREED_MEMORY"
 _M_TRIM_THRESHOLD = -1
@@ -34,9 +37,8 @@ _INT_MAX = 2 ** 31 - 1
 def retain_freed_memory(limit: int = _INT_MAX) -> bool:
     """Serve blocks up to ``limit`` bytes from the heap and keep up to ``limit`` freed bytes
     at its top (glibc ``mallopt``: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). Returns whether
-    the setting was applied: False off Linux / glibc, or when ``$MMM4REC_RETAIN_FREED_MEMORY``
-    is ``0``."""
-    if os.environ.get(ENV_VAR, "1") == "0" or not sys.platform.startswith("linux"):
+    the setting was applied (False off Linux / glibc)."""
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -45,3 +47,8 @@ def retain_freed_memory(limit: int = _INT_MAX) -> bool:
         return False
     limit = max(0, min(int(limit), _INT_MAX))
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+def retain_freed_memory_if_asked() -> bool:
+    """:func:`retain_freed_memory` when ``$MMM4REC_RETAIN_FREED_MEMORY`` is ``1``."""
+    return os.environ.get(ENV_VAR) == "1" and retain_freed_memory()

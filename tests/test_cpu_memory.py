@@ -11,8 +11,8 @@ import pytest
 CHILD = r"""
 import resource, sys
 import torch
-from mmm4rec.cpu_memory import retain_freed_memory
-applied = retain_freed_memory() if sys.argv[1] == "on" else False
+from mmm4rec.cpu_memory import retain_freed_memory_if_asked
+applied = retain_freed_memory_if_asked()
 n = 48 * 2 ** 20 // 4                          # 48 MiB blocks: above glibc's default mmap threshold
 def one_step():                                # a step's pattern: temporaries made and freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -23,29 +23,25 @@ print(applied, min(faults[4:]))
 """
 
 
-def _run(mode: str, env_off: bool = False) -> tuple[bool, int]:
+def _run(asked: bool) -> tuple[bool, int]:
     import os
 
     env = dict(os.environ)
     env.pop("MMM4REC_RETAIN_FREED_MEMORY", None)
-    if env_off:
-        env["MMM4REC_RETAIN_FREED_MEMORY"] = "0"
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env,
+    if asked:
+        env["MMM4REC_RETAIN_FREED_MEMORY"] = "1"
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
                          check=True, timeout=120).stdout.split()
     return out[0] == "True", int(out[1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_retained_memory_is_reused_without_page_faults():
-    applied, faults = _run("on")
+    applied, faults = _run(asked=True)
     if not applied:
         pytest.skip("this libc has no mallopt (not glibc)")
-    _, faults_default = _run("off")
+    not_applied, faults_default = _run(asked=False)
+    assert not_applied is False                 # opt-in: nothing changes unless asked
     pages = 48 * 2 ** 20 // 4096
     assert faults_default > 3 * pages           # default: each of the 4 blocks a fresh mapping, every step
     assert faults < pages // 20                 # retained: later steps reuse the freed blocks
-
-
-def test_environment_variable_turns_it_off():
-    applied, _ = _run("on", env_off=True)
-    assert applied is False
