@@ -36,10 +36,13 @@ class Dropout(nn.Dropout):
 
 def _conv_pre(x, wT, bias):
     """bias + sum_j wT[j] * x shifted by K-1-j, wT [K, C] (contiguous rows: a strided weight
-    column as the broadcast operand makes each multiply-add about 3x slower)."""
-    L, K = x.shape[1], wT.shape[0]
-    pre = torch.addcmul(bias, x, wT[K - 1])
-    for j in range(K - 1):
+    column as the broadcast operand makes each multiply-add about 3x slower), summed in the
+    order j = 0..K-1 after the bias (the rounding of the expression it replaces)."""
+    b, L, C = x.shape
+    K = wT.shape[0]
+    pre = x.new_empty(b, L, C)
+    pre.copy_(bias.expand(b, L, C))
+    for j in range(K):
         s = K - 1 - j
         if s < L:
             pre[:, s:].addcmul_(x[:, :L - s], wT[j])
