@@ -14,7 +14,9 @@ Before timing, ``numerics`` loads the baseline's weights into the new tree and c
 the loss and every gradient of one step with dropout off (fp32: rtol 1e-4, atol 1e-5 x the
 largest entry of each gradient + 1e-7 x the largest gradient entry of the model).
 ``--profile`` adds each tree's top ops (torch.profiler, self CPU time) at the first
-configuration. The last table is the SSD alone in this tree:
+configuration. ``--allocator retain`` runs both workers with freed memory kept for reuse
+(``mmm4rec/cpu_memory.py``, the trainer's opt-in ``MMM4REC_RETAIN_FREED_MEMORY=1``);
+the default is glibc's defaults, what a run gets. The last table is the SSD alone in this tree:
 the dual (quadratic) form against the chunked scan, and what the CPU dispatch runs.
 
     python benchmarks/train_step.py                      # the full table (~15 min on 2 cores)
