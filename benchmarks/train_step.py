@@ -227,7 +227,12 @@ def ssd_rows_table(lengths: list[int], tokens: int, repeats: int) -> list[dict]:
 
     sys.path.insert(0, str(ROOT))
     from mmm4rec.kernels.dispatch import _ssd_reference
-    from mmm4rec.kernels.ssd_ref import ssd_chunked_ref, ssd_quadratic_ref
+    from mmm4rec.kernels.ssd_ref import (
+        ssd_chunked_folded,
+        ssd_chunked_ref,
+        ssd_quadratic_folded,
+        ssd_quadratic_ref,
+    )
 
     g = torch.Generator().manual_seed(0)
     H, P, S, G = 8, 64, 64, 8
@@ -240,6 +245,8 @@ def ssd_rows_table(lengths: list[int], tokens: int, repeats: int) -> list[dict]:
         ins = [t.requires_grad_() for t in ins]
         forms = {"quadratic": ssd_quadratic_ref,
                  "chunked": lambda *a: ssd_chunked_ref(*a, chunk_size=64),
+                 "dual_cpu": ssd_quadratic_folded,
+                 "chunked_cpu": lambda *a: ssd_chunked_folded(*a, chunk_size=64),
                  "dispatch": lambda *a: _ssd_reference(*a, 64)}
         res: dict[str, list[float]] = {k: [] for k in forms}
         for fn in forms.values():
@@ -349,11 +356,16 @@ def main() -> int:
     ssd_len = [20, 50, *args.long] if not args.quick else [20, *args.long]
     results["ssd"] = ssd_rows_table(ssd_len, args.long_tokens if args.quick else 4000, 1 if args.quick else 3)
     lines += ["", "## SSD alone in this tree, forward+backward (8 heads x 64, state 64, chunk 64), ms", "",
-              "| L | batch | quadratic | chunked | chunked / quadratic speed | dispatch (CPU) |",
-              "|---|---|---|---|---|---|"]
+              "References (the Triton kernels' twins) and the CPU forms (step factors folded into the "
+              "chunk matrices); dispatch = what the model runs on CPU.", "",
+              "| L | batch | dual (ref) | chunked (ref) | dual (CPU) | chunked (CPU) | "
+              "chunked / dual speed (CPU) | chunked / dual speed (ref) | dispatch |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["ssd"]:
         lines.append(f"| {r['L']} | {r['batch']} | {r['quadratic_s'] * 1e3:.1f} | {r['chunked_s'] * 1e3:.1f} | "
-                     f"{r['quadratic_s'] / r['chunked_s']:.2f}x | {r['dispatch_s'] * 1e3:.1f} |")
+                     f"{r['dual_cpu_s'] * 1e3:.1f} | {r['chunked_cpu_s'] * 1e3:.1f} | "
+                     f"{r['dual_cpu_s'] / r['chunked_cpu_s']:.2f}x | {r['quadratic_s'] / r['chunked_s']:.2f}x | "
+                     f"{r['dispatch_s'] * 1e3:.1f} |")
     lines += ["", f"Load average at the end: {load_end[0]:.1f} / {load_end[1]:.1f} / {load_end[2]:.1f}."]
     text = "\n".join(lines)
     print(text)

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from mmm4rec import MMM4Rec
 from mmm4rec.contract import Batch
 from mmm4rec.kernels.fourier_ref import DFT_MAX_LEN, irfft_ortho, rfft_ortho
-from mmm4rec.kernels.ssd_ref import _expand_groups, ssd_quadratic_folded, ssd_quadratic_ref, ssd_rows_ref
+from mmm4rec.kernels.ssd_ref import (
+    _expand_groups,
+    ssd_chunked_folded,
+    ssd_chunked_ref,
+    ssd_quadratic_folded,
+    ssd_quadratic_ref,
+    ssd_rows_ref,
+)
 from mmm4rec.models.base import SeqInput
 from mmm4rec.models.layers import Dropout, causal_depthwise_conv_silu
 from mmm4rec.models.packing import Packed
@@ -218,6 +225,29 @@ def test_folded_dual_form_equals_quadratic_ref(G, L):
         go = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype)
         for a, r in zip(torch.autograd.grad(out, xs, go), torch.autograd.grad(ref, xs, go)):
             torch.testing.assert_close(a, r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("G", [2, 4])
+@pytest.mark.parametrize("L,Q", [(13, 4), (16, 4), (13, 32), (3, 2)])
+def test_folded_chunked_scan_equals_references(G, L, Q):
+    """The CPU chunked scan (head-major, folded chunk matrices) equals the chunked reference
+    and the dual form, values and all seven gradients; padded and unpadded last chunks."""
+    g = torch.Generator().manual_seed(10 * L + Q + G)
+    b, H, P, S = 2, 4, 5, 6
+    ins = [torch.randn(b, L, H, P, generator=g, dtype=torch.float64), torch.randn(b, L, H, generator=g,
+           dtype=torch.float64), -torch.rand(H, generator=g, dtype=torch.float64) - 0.5,
+           torch.randn(b, L, G, S, generator=g, dtype=torch.float64),
+           torch.randn(b, L, G, S, generator=g, dtype=torch.float64), torch.rand(H, dtype=torch.float64),
+           torch.randn(H, generator=g, dtype=torch.float64)]
+    xs = [t.requires_grad_() for t in ins]
+    out = ssd_chunked_folded(*xs, chunk_size=Q)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, xs, go)
+    for ref_fn in (lambda *a: ssd_chunked_ref(*a, chunk_size=Q), ssd_quadratic_ref):
+        ref = ref_fn(*xs)
+        torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
+        for a, r in zip(grads, torch.autograd.grad(ref, xs, go)):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
 
 
 def test_groups_equal_heads_is_not_copied():

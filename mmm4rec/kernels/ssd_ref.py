@@ -30,6 +30,7 @@ __all__ = [
     "ssd_quadratic_ref",
     "ssd_quadratic_folded",
     "ssd_chunked_ref",
+    "ssd_chunked_folded",
     "ssd_rows_ref",
     "ssd_chunk_cumsum_ref",
     "ssd_chunk_state_ref",
@@ -187,3 +188,43 @@ def ssd_chunked_ref(x, dt, A, B, C, D, dt_bias, chunk_size: int = 64):
     prev = ssd_state_passing_ref(states, dA_cumsum)
     y = ssd_chunk_scan_ref(xc, Bc, Cc, dt_hat, dA_cumsum, prev, D)
     return y.reshape(bsz, -1, H, P)[:, :L]
+
+
+def ssd_chunked_folded(x, dt, A, B, C, D, dt_bias, chunk_size: int = 64):
+    """:func:`ssd_chunked_ref` computed head-major, with the step sizes and the skip term
+    folded into each chunk's Q x Q matrix as in :func:`ssd_quadratic_folded` (the four
+    stages in one function; same values). The CPU path for sequences longer than one
+    chunk (tests/test_model_fast_path.py::test_folded_chunked_scan_equals_references)."""
+    bsz, L, H, P = x.shape
+    Q = min(chunk_size, L)
+    nc = -(-L // Q)
+    pad = nc * Q - L
+    dt_hat = F.softplus(dt + dt_bias)                                  # [b, L, H]
+    Bh, Ch = _expand_groups(B, H), _expand_groups(C, H)                # [b, L, H, S]
+    if pad:   # dt_hat = 0 in the tail: it neither decays nor adds
+        dt_hat = F.pad(dt_hat, (0, 0, 0, pad))
+        x, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, Bh, Ch))
+    S = Bh.shape[-1]
+    dth = dt_hat.reshape(bsz, nc, Q, H).permute(0, 3, 1, 2)            # [b, H, c, Q]
+    xh = x.reshape(bsz, nc, Q, H, P).permute(0, 3, 1, 2, 4)            # [b, H, c, Q, P]
+    Bc = Bh.reshape(bsz, nc, Q, H, S).permute(0, 3, 1, 2, 4)           # [b, H, c, Q, S]
+    Cc = Ch.reshape(bsz, nc, Q, H, S).permute(0, 3, 1, 2, 4)
+    cum = torch.cumsum(dth * A[:, None, None], dim=-1)                 # [b, H, c, Q]
+    # within each chunk: M_ts = (C_t . B_s) exp(cum_t - cum_s) dt_s + [t = s] D dt_t
+    seg = cum.unsqueeze(-1) - cum.unsqueeze(-2)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(seg.masked_fill(~causal, float("-inf")))
+    M = torch.matmul(Cc, Bc.transpose(-1, -2)) * decay * dth.unsqueeze(-2) + torch.diag_embed(D[:, None, None] * dth)
+    y = torch.matmul(M, xh)                                            # [b, H, c, Q, P]
+    # the state each chunk hands on from zero: sum_s exp(cum_end - cum_s) dt_s x_s B_s^T
+    w = torch.exp(cum[..., -1:] - cum) * dth                           # [b, H, c, Q]
+    states = torch.matmul((xh * w.unsqueeze(-1)).transpose(-1, -2), Bc)   # [b, H, c, P, S]
+    chunk_decay = torch.exp(cum[..., -1])                              # [b, H, c]
+    running = torch.zeros_like(states[:, :, 0])
+    prev = []
+    for k in range(nc):
+        prev.append(running)
+        running = running * chunk_decay[:, :, k, None, None] + states[:, :, k]
+    prev_states = torch.stack(prev, dim=2)                             # [b, H, c, P, S]: entering each chunk
+    y = y + torch.matmul(Cc, prev_states.transpose(-1, -2)) * torch.exp(cum).unsqueeze(-1)
+    return y.permute(0, 2, 3, 1, 4).reshape(bsz, nc * Q, H, P)[:, :L]
