@@ -184,16 +184,22 @@ def test_dft_matrices_equal_torch_fft(L):
                                rtol=1e-5, atol=1e-5)
 
 
+def _ssd_inputs(g, b, L, H, P, G, S):
+    """float64 (x, dt, A, B, C, D, dt_bias) of the SSD's shapes."""
+    return [torch.randn(b, L, H, P, generator=g, dtype=torch.float64),
+            torch.randn(b, L, H, generator=g, dtype=torch.float64),
+            -torch.rand(H, generator=g, dtype=torch.float64) - 0.5,
+            torch.randn(b, L, G, S, generator=g, dtype=torch.float64),
+            torch.randn(b, L, G, S, generator=g, dtype=torch.float64), torch.rand(H, dtype=torch.float64),
+            torch.randn(H, generator=g, dtype=torch.float64)]
+
+
 @pytest.mark.parametrize("G", [2, 4])
 @pytest.mark.parametrize("multi", [False, True])
 def test_ssd_rows_equal_quadratic_rows(G, multi):
     g = torch.Generator().manual_seed(G)
     b, L, H, P, S = 3, 11, 4, 5, 6
-    ins = [torch.randn(b, L, H, P, generator=g, dtype=torch.float64), torch.randn(b, L, H, generator=g,
-           dtype=torch.float64), -torch.rand(H, generator=g, dtype=torch.float64) - 0.5,
-           torch.randn(b, L, G, S, generator=g, dtype=torch.float64),
-           torch.randn(b, L, G, S, generator=g, dtype=torch.float64), torch.rand(H, dtype=torch.float64),
-           torch.randn(H, generator=g, dtype=torch.float64)]
+    ins = _ssd_inputs(g, b, L, H, P, G, S)
     ins = [t.requires_grad_() for t in ins]
     rows = torch.tensor([[0, 3, 10], [5, 5, 6], [1, 2, 9]]) if multi else torch.tensor([10, 0, 4])
     ar = torch.arange(b)[:, None] if multi else torch.arange(b)
@@ -213,11 +219,7 @@ def test_folded_dual_form_equals_quadratic_ref(G, L):
     values and all seven gradients (float64, and fp32 at the model's tolerance)."""
     g = torch.Generator().manual_seed(L + G)
     b, H, P, S = 3, 4, 5, 6
-    ins = [torch.randn(b, L, H, P, generator=g, dtype=torch.float64), torch.randn(b, L, H, generator=g,
-           dtype=torch.float64), -torch.rand(H, generator=g, dtype=torch.float64) - 0.5,
-           torch.randn(b, L, G, S, generator=g, dtype=torch.float64),
-           torch.randn(b, L, G, S, generator=g, dtype=torch.float64), torch.rand(H, dtype=torch.float64),
-           torch.randn(H, generator=g, dtype=torch.float64)]
+    ins = _ssd_inputs(g, b, L, H, P, G, S)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         xs = [t.detach().to(dtype).requires_grad_() for t in ins]
         ref, out = ssd_quadratic_ref(*xs), ssd_quadratic_folded(*xs)
@@ -234,11 +236,7 @@ def test_folded_chunked_scan_equals_references(G, L, Q):
     and the dual form, values and all seven gradients; padded and unpadded last chunks."""
     g = torch.Generator().manual_seed(10 * L + Q + G)
     b, H, P, S = 2, 4, 5, 6
-    ins = [torch.randn(b, L, H, P, generator=g, dtype=torch.float64), torch.randn(b, L, H, generator=g,
-           dtype=torch.float64), -torch.rand(H, generator=g, dtype=torch.float64) - 0.5,
-           torch.randn(b, L, G, S, generator=g, dtype=torch.float64),
-           torch.randn(b, L, G, S, generator=g, dtype=torch.float64), torch.rand(H, dtype=torch.float64),
-           torch.randn(H, generator=g, dtype=torch.float64)]
+    ins = _ssd_inputs(g, b, L, H, P, G, S)
     xs = [t.requires_grad_() for t in ins]
     out = ssd_chunked_folded(*xs, chunk_size=Q)
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)
