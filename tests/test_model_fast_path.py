@@ -116,6 +116,30 @@ def test_packed_tokens_equal_dense_path(layers, gathered, monkeypatch):
     _assert_grads_close(out[False][1], out[True][1], names, 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_packed_tokens_draw_the_dense_dropout_masks(layers, monkeypatch):
+    """With dropout on and the same seed, the packed training step draws the dense one's
+    masks (each drawn over [b, L, N], its kept rows taken): the same loss and gradients,
+    so packing does not change a training run's random stream."""
+    model = _model(layers, torch.float32, max_len=9, dropout_prob=0.3, embedding_drop_prob=0.3,
+                   time_dropout_prob=0.3).train()
+    batch = random_batch(model.config, b=6, seed=7)
+    batch["item_seq_len"][1] = 1
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    import mmm4rec.models.mmm4rec as mm
+
+    out = {}
+    for packed in (False, True):
+        with monkeypatch.context() as mp:
+            if not packed:
+                mp.setattr(mm, "Packed", lambda *a: mm.DENSE)
+            torch.manual_seed(5)
+            loss = model.calculate_loss(batch, "full")
+            out[packed] = (loss, _grads(model, loss)[0])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    _assert_grads_close(out[False][1], out[True][1], names, 1e-4, 1e-5)
+
+
 @pytest.mark.parametrize("fusion", ["static", "dynamic_shared"])
 @pytest.mark.parametrize("missing", ["zero", "bias"])
 def test_sequence_rows_gathered_from_catalog_equal_looked_up_rows(fusion, missing):

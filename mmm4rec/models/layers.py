@@ -5,11 +5,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .packing import Dense, Packed
+
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, p: float):
-        keep = torch.rand(x.shape, device=x.device) >= p           # P(keep) = 1 - p
+    def forward(ctx, x, p: float, keep=None):
+        if keep is None:
+            keep = torch.rand(x.shape, device=x.device) >= p       # P(keep) = 1 - p
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return x.mul(keep).mul_(ctx.scale)
@@ -17,21 +20,29 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (keep,) = ctx.saved_tensors
-        return g.mul(keep).mul_(ctx.scale), None
+        return g.mul(keep).mul_(ctx.scale), None, None
 
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` (same module, same distribution: each entry kept with probability
     1 - p and scaled by 1 / (1 - p)) whose mask comes from ``torch.rand(...) >= p``: on
     CPU about 3x faster than the ``bernoulli_`` of ``F.dropout``, which was 6.5% of a
-    training step at the paper's sizes. Only the random stream differs."""
+    training step at the paper's sizes. Only the random stream differs.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    ``lay`` (x packed [T, N], :class:`.packing.Packed`): the mask is drawn for the whole
+    [b, L, N] grid and its kept rows taken, so the packed step draws the same random
+    numbers as the dense one (tests/test_model_fast_path.py::test_packed_tokens_equal_dense_path)."""
+
+    def forward(self, x: torch.Tensor, lay: Dense | Packed | None = None) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if self.p == 1.0 or self.inplace:
             return super().forward(x)
-        return _Dropout.apply(x, self.p)
+        keep = None
+        if lay is not None and lay.packed:
+            assert isinstance(lay, Packed)
+            keep = lay.pack(torch.rand(lay.b, lay.L, x.shape[-1], device=x.device) >= self.p)
+        return _Dropout.apply(x, self.p, keep)
 
 
 def _conv_pre(x, wT, bias):
@@ -166,8 +177,8 @@ class FeedForward(nn.Module):
         self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.drop(self.w2(self.drop(F.hardswish(self.w1(x))))))
+    def forward(self, x: torch.Tensor, lay: Dense | Packed | None = None) -> torch.Tensor:
+        return self.norm(x + self.drop(self.w2(self.drop(F.hardswish(self.w1(x)), lay)), lay))
 
 
 class ComplexLinear(nn.Module):

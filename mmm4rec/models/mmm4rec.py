@@ -47,9 +47,9 @@ class MMM4RecLayer(nn.Module):
         the cross block's gate, scan output, norms and FFN there alone (same values and
         gradients, tests/test_model_fast_path.py::test_last_position_path_equals_full_path)."""
         y_t, d_t2 = self.tissd(x_t, d_t, lay=lay)
-        p_t = self.norm_t(self.drop(y_t) + x_t)
+        p_t = self.norm_t(self.drop(y_t, lay) + x_t)
         if self.ffn_t is not None:
-            p_t = self.ffn_t(p_t)
+            p_t = self.ffn_t(p_t, lay)
         win = valid = None
         x_v_res = x_v
         if rows is not None:
@@ -58,7 +58,8 @@ class MMM4RecLayer(nn.Module):
             win = win.clamp(min=0)
             x_v_res = lay.at(x_v, win)
         y_v, d_v2 = self.tissd(x_v, d_v, win, lay)
-        h_v = self.norm_v(self.drop(y_v) + x_v_res)
+        at = lay if rows is None else None                 # at the read rows / window: [b, (K,) N]
+        h_v = self.norm_v(self.drop(y_v, at) + x_v_res)
         d_f = None
         if self.cfg.is_time:
             d_f = fourier_filter(d_t2, d_v2, self.cl_a.params(), self.cl_b.params(), self.cl_c.params())
@@ -67,7 +68,7 @@ class MMM4RecLayer(nn.Module):
             h_v, p_t_rows = h_v[:, -1], lay.at(p_t, rows)
         else:
             p_t_rows = p_t
-        y = self.ffn_c(self.norm_c(self.drop(y) + h_v + p_t_rows))
+        y = self.ffn_c(self.norm_c(self.drop(y, at) + h_v + p_t_rows), at)
         return p_t, y, d_t2, d_v2
 
 
@@ -166,7 +167,7 @@ class MMM4RecDense(nn.Module):
         else:
             seq_rows = {k: lay.pack(v) for k, v in seq.rows.items()} if lay.packed else seq.rows
             adapted = [self.adapt(seq_rows, i) for i in range(len(MODALITIES))]
-        x = [self.input_norm[m](self.emb_drop(a)) for m, a in zip(MODALITIES, adapted)]
+        x = [self.input_norm[m](self.emb_drop(a, lay)) for m, a in zip(MODALITIES, adapted)]
         d = [None, None]
         if cfg.is_time:
             delta = self.time_signal(seq)
