@@ -13,7 +13,7 @@
 5. prints the test metrics of both, their valid metrics at equal epochs, and writes
    ``summary.json`` and ``validation_curves.png`` into the run directory.
 
-About 4-5 minutes on a 2-core CPU machine (DeepSpeed's shared-memory op and the MiniLM
+About 80 s on a 2-core CPU machine with warm caches (2026-12-01; DeepSpeed's shared-memory op and the MiniLM
 text vectors are built once per machine and cached).
 """
 from __future__ import annotations
@@ -203,8 +203,8 @@ def register(subparsers) -> None:
         description="Build shards of the bundled samples on local disk, pretrain MMM4Rec on 'amazon_mix' (four "
                     "Amazon domains) with 2 processes through the deepspeed launcher (ZeRO-2 + torchrec), "
                     "export, fine-tune on 'scientific_mm' from the export and from scratch (same epochs), print "
-                    "the test metrics and the valid metrics per epoch, and save the validation curves. About 4-5 "
-                    "minutes on 2 CPU cores, one-time builds included.",
+                    "the test metrics and the valid metrics per epoch, and save the validation curves. About 1.5 "
+                    "minutes on 2 CPU cores with warm caches (one-time builds: about a minute more).",
         arguments=[
             arg("--run-dir", default=None, help="output directory (default runs/quickstart-<time>; must be new)"),
             arg("--nproc", type=int, default=2, help="processes per run"),
