@@ -31,10 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_AVAILABLE = "not available in this build"
-#: the loss kinds of mmm4rec.losses.LOSSES timed at 10^6 items besides the full softmax
-#: (the catalog-scale ones arrive with issue 12; every kind the build has is timed)
-BASE_KINDS = ("full", "inbatch")
 
 
 def parse_args(argv=None):
@@ -189,11 +185,6 @@ def run_steps(args) -> dict:
         for precision in ("fp32", "bf16"):
             fn = step_fn(torch, model, big, precision, device, lambda m, b, kind=kind: m.loss(b, kind).value)
             add(name, precision, timer(fn))
-    if not set(losses.LOSSES) - set(BASE_KINDS):
-        # TODO(issue 14 GPU check): the vocab-parallel / sampled losses of issue 12 are timed
-        # by the loop above once they are kinds of mmm4rec.losses.LOSSES
-        add(f"MMM4Rec 1 layer, vocab-parallel / sampled losses over {args.big_items:,} items", "-", None,
-            note=f"{NOT_AVAILABLE} (mmm4rec.losses.LOSSES has: {', '.join(sorted(losses.LOSSES))})")
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
     try:
