@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "data_shards.cli",      # data build / inspect
     "dist.cli",             # train / evaluate / export
     "dist.serving.cli",     # retrieval export / items / recommend
+    "dist.curves",          # curves
     "mmm4rec.envinfo",      # env
 )
 

@@ -92,30 +92,10 @@ def _epoch_table(runs: dict[str, dict]) -> str:
 
 
 def _plot(runs: dict[str, dict], out: Path) -> Path | None:
-    try:
-        import matplotlib
+    from dist.curves import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        _say("matplotlib is not installed: no plot (pip install \"mmm4rec[plots]\")")
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("ndcg@10", "hr@10"), strict=True):
-        for label, m in runs.items():
-            hist = [h for h in m["history"] if f"valid/{metric}" in h]
-            ax.plot([h["epoch"] for h in hist], [h[f"valid/{metric}"] for h in hist], marker="o", label=label)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"valid {metric.upper()}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("MMM4Rec quickstart: validation curves (full ranking over all items)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return plot_curves({label: m["history"] for label, m in runs.items()}, ("valid/ndcg@10", "valid/hr@10"), out,
+                       "MMM4Rec quickstart: validation curves (full ranking over all items)")
 
 
 def run(args) -> int:

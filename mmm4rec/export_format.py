@@ -70,7 +70,12 @@ def read_header(path: str | os.PathLike, what: str = "") -> dict:
     problem = _header_problem(Path(path))
     if problem:
         raise ConfigError(f"{what}: {problem}" if what else problem)
-    return json.loads((Path(path) / "config.json").read_text())
+    head = json.loads((Path(path) / "config.json").read_text())
+    if head["model_type"] == "mmm4rec" and isinstance(head["config"], dict):
+        # exports written before `missing_modality` existed computed "zero"; the default is
+        # "bias" since it was measured (docs/model.md), so such an export keeps what it was
+        head["config"].setdefault("missing_modality", "zero")
+    return head
 
 
 def read_export(path: str | os.PathLike, what: str = "") -> tuple[dict, dict[str, torch.Tensor]]:

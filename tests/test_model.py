@@ -192,7 +192,7 @@ def test_padding_item_is_not_ranked_by_default():
 
 
 def test_missing_image_contributes_nothing_to_item_vector():
-    model = with_features(MMM4Rec(tiny_cfg())).eval()
+    model = with_features(MMM4Rec(tiny_cfg(missing_modality="zero"))).eval()
     rows = model.tables(torch.tensor([6]))   # item 6 has no image
     e_t = torch.nn.functional.normalize(model.dense.adapt(rows, 0), dim=-1)
     v = model.item_vectors(torch.tensor([6]))
@@ -292,6 +292,17 @@ def test_save_pretrained_round_trip_and_mismatch(tmp_path):
     assert torch.equal(loaded.full_sort_predict(batch), ref.full_sort_predict(batch))
     with pytest.raises(ConfigError, match="adapter.text.weight"):
         MMM4Rec.from_pretrained(tmp_path / "exp", text_dim=99)
+
+
+def test_export_without_missing_modality_keeps_the_zero_it_was_trained_with(tmp_path):
+    import json
+
+    MMM4Rec(tiny_cfg()).save_pretrained(tmp_path / "exp")
+    head = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert head["config"]["missing_modality"] == "bias"          # today's default, written out
+    del head["config"]["missing_modality"]                       # as exports before the field had it
+    (tmp_path / "exp" / "config.json").write_text(json.dumps(head))
+    assert MMM4Rec.from_pretrained(tmp_path / "exp").config.missing_modality == "zero"
 
 
 def test_sasrec_contract():

@@ -104,7 +104,7 @@ def test_console_script_from_the_wheel(fresh_venv, tmp_path):
     exe = fresh_venv / "bin" / "mmm4rec"
     r = subprocess.run([str(exe), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    for cmd in ("quickstart", "data", "train", "evaluate", "export", "env"):
+    for cmd in ("quickstart", "data", "train", "evaluate", "export", "curves", "env"):
         assert cmd in r.stdout
     r = subprocess.run([str(exe), "env"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "torch" in r.stdout, r.stderr

@@ -51,8 +51,9 @@ class MMM4RecConfig:
     # release numerics (docs/model.md "Release-compatible options"; the defaults are ours)
     time_padding: Literal["zero", "window"] = "zero"   # deltas at padding: "zero" (ours) | "window"
                                     # (release: differences over the whole padded window)
-    missing_modality: Literal["zero", "bias"] = "zero"  # item without a modality: "zero" adapter output
-                                    # (ours) | "bias" (release: a zero feature through the adapter)
+    missing_modality: Literal["zero", "bias"] = "bias"  # item without a modality: "bias" (the release's,
+                                    # a zero feature through the adapter; chosen by measurement,
+                                    # docs/model.md) | "zero" (adapter output zeroed)
     padding_class: bool = False     # keep item 0 as a (never positive) class of the training softmax
     # implementation
     ssd_form: Literal["chunked", "quadratic"] = "chunked"   # "quadratic": always the O(L^2) dual form
