@@ -51,12 +51,15 @@ def read_epochs(run_dir: str | Path) -> list[dict]:
 
 
 def _best_epoch(rows: list[dict], metric: str) -> int | None:
-    vals = [(r[metric], r["epoch"]) for r in rows if metric in r and not math.isnan(r[metric])]
-    return max(vals, key=lambda x: (x[0], -x[1]))[1] if vals else None   # the first epoch of the best value
+    """The first epoch of the best value: the lowest for a loss or a time, the highest otherwise."""
+    sign = -1.0 if "loss" in metric or "seconds" in metric else 1.0
+    vals = [(sign * r[metric], r["epoch"]) for r in rows if metric in r and not math.isnan(r[metric])]
+    return max(vals, key=lambda x: (x[0], -x[1]))[1] if vals else None
 
 
 def curves_table(runs: dict[str, list[dict]], metric: str, markdown: bool = False, digits: int = 4) -> str:
-    """One row per epoch, one column per run: ``metric`` (``*`` marks each run's best epoch)."""
+    """One row per epoch, one column per run: ``metric`` (``*`` marks each run's best epoch:
+    lowest loss or seconds, highest anything else)."""
     epochs = sorted({r["epoch"] for rows in runs.values() for r in rows if metric in r})
     best = {label: _best_epoch(rows, metric) for label, rows in runs.items()}
     cells = []

@@ -38,6 +38,8 @@ def test_table_marks_each_runs_best_epoch_and_leaves_missing_epochs_blank(tmp_pa
     assert lines[3].split() == ["1", "0.1000", "0.2500*"]
     assert lines[4].split() == ["2", "0.3000*", "0.1500"]
     assert lines[5].split() == ["3", "0.2000"]                  # b has no epoch 3
+    loss = curves_table(runs, "train_loss").splitlines()
+    assert loss[5].split() == ["3", "7.0000*"] and loss[4].split() == ["2", "8.0000", "8.0000*"]   # lowest
     md = curves_table(runs, "valid/ndcg@10", markdown=True).splitlines()
     assert md[2] == "| epoch | a | zero |" and md[5] == "| 2 | 0.1500* | 0.0750 |"
 
