@@ -123,7 +123,7 @@ def run(args) -> int:
         path, label = _parse_run(spec)
         if label in runs:
             raise UserError(f"{spec}: the label {label!r} is used twice (name runs with DIR=LABEL)")
-        runs[label] = read_epochs(path)
+        runs[label] = [r for r in read_epochs(path) if args.max_epoch is None or r["epoch"] <= args.max_epoch]
     metrics = args.metric or list(DEFAULT_METRICS)
     have = {k for rows in runs.values() for r in rows for k in r}
     for m in metrics:
@@ -147,6 +147,7 @@ def register(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR[=LABEL]", help="training output folders (--output-dir)")
     p.add_argument("--metric", action="append", default=[], metavar="COLUMN",
                    help=f"an epochs.csv column, repeatable (default: {' '.join(DEFAULT_METRICS)})")
+    p.add_argument("--max-epoch", type=int, metavar="N", help="only epochs up to N (compare runs at equal epochs)")
     p.add_argument("--plot", metavar="PNG", help="also draw the curves into this PNG file")
     p.add_argument("--title", default="validation curves (full ranking over all items)", help="the figure's title")
     p.add_argument("--markdown", action="store_true", help="Markdown tables (for docs/ and issue notes)")

@@ -51,6 +51,8 @@ def test_cli_prints_tables_writes_the_png_and_names_bad_input(tmp_path):
     r = _cli(str(a), f"{b}=second", "--metric", "valid/hr@10", "--plot", str(tmp_path / "c.png"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.splitlines()[1].split() == ["epoch", "a", "second"] and "0.3000*" in r.stdout
+    r1 = _cli(str(a), f"{b}=second", "--max-epoch", "1", cwd=tmp_path)
+    assert r1.returncode == 0 and "0.3000" not in r1.stdout and "0.1000" in r1.stdout, r1.stderr[-3000:]
     png = (tmp_path / "c.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     for args, names in (([str(tmp_path / "nope")], "nope/logs/epochs.csv"),
