@@ -48,7 +48,7 @@ class MMM4RecConfig:
     # protocol flags (defaults fix the release's leaks; True reproduces them)
     time_leak: bool = False         # feed the target's timestamp into the time path
     rank_padding: bool = False      # rank the padding item 0 at evaluation
-    # release numerics (docs/model.md "Release-compatible options"; the defaults are ours)
+    # release numerics (docs/model.md "Release-compatible options": each default chosen there by measurement)
     time_padding: Literal["zero", "window"] = "zero"   # deltas at padding: "zero" (ours) | "window"
                                     # (release: differences over the whole padded window)
     missing_modality: Literal["zero", "bias"] = "bias"  # item without a modality: "bias" (the release's,
