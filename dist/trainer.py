@@ -155,7 +155,7 @@ class Trainer:
         loader.set_epoch(self.state.epoch)
         if self.state.epoch_step:
             loader.load_state_dict(rank_meta["loader"])   # another world size: the epoch keeps its old layout
-            steps = len(loader) // self.cfg.train.gradient_accumulation_steps
+            steps = steps_in_epoch(len(loader), self.cfg.train.gradient_accumulation_steps)
             steps = min(steps, self.cfg.train.steps_per_epoch or steps)
             if steps != self.steps_per_epoch:
                 raise ConfigError(f"--resume: {self.store.describe(tag)}: the epoch in progress has {steps} steps "

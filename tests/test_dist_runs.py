@@ -460,6 +460,27 @@ def num_samples_of_epoch(sample_shards) -> int:
     return SequenceLoader(sample_shards["scientific_mm"], "train", batch_size=1, num_workers=0).num_samples
 
 
+def test_mid_epoch_resume_with_accumulation_and_a_short_last_step(sample_shards, tmp_path):
+    """The release's recipe accumulates micro-batches and gives the last optimizer step of
+    an epoch the remainder (22 micro-batches of 512 with 4 accumulated: 6 steps, the last of
+    2). A run stopped mid-epoch resumes (it was refused before: the check counted 22 // 4 = 5
+    steps against the trainer's 6) and continues the same run: the per-step losses of the
+    uninterrupted run, every sample of the epoch once."""
+    sets = [*WS_OVERRIDES, "data.batch_size=512", "train.gradient_accumulation_steps=4",
+            "checkpoint.every_steps=2"]
+    ref = tmp_path / "ref"
+    _ok(launch(ref, TINY_FT, sets, nproc=1), "uninterrupted")
+    want = _step_losses(ref)
+    assert len(want) == 6, want
+    out = tmp_path / "resumed"
+    _continue_from(ref, "step_00000002", out)
+    rc, text = launch(out, TINY_FT, sets, nproc=1, resume=True)
+    assert rc == 0, text[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'}: epoch 1, step 2" in text, text[-3000:]
+    assert _step_losses(out) == pytest.approx(want[2:], rel=1e-5, abs=1e-6)
+    assert _final_state(out)["samples"] == _final_state(ref)["samples"] == num_samples_of_epoch(sample_shards)
+
+
 def test_resume_on_another_world_size_refuses_what_cannot_change(sample_shards, tmp_path):
     src = tmp_path / "src"
     _ok(launch(src, TINY_FT, [*WS_OVERRIDES, "data.batch_size=64", "train.steps_per_epoch=5",
