@@ -459,6 +459,12 @@ def expectations(runs: dict) -> list[dict]:
             text += (f"; (a) reached (c)'s best valid NDCG@10 ({c_best['value']:.4f}, (c)'s epoch "
                      f"{c_best['epoch']}, {_f(c_best['seconds'], 0)} s) "
                      + (f"at its epoch {reach[0]}, {_f(reach[1], 0)} s of fine-tuning" if reach else "never"))
+        if ca and cc:   # the other way round: how long scratch takes to get where the pretrained run peaks
+            a_best = max(ca, key=lambda x: x["value"])
+            back = _time_to_reach(cc, a_best["value"])
+            text += (f"; (c) reached (a)'s best valid NDCG@10 ({a_best['value']:.4f}, (a)'s epoch "
+                     f"{a_best['epoch']}, {_f(a_best['seconds'], 0)} s) "
+                     + (f"at its epoch {back[0]}, {_f(back[1], 0)} s" if back else "never"))
         if capped:
             text += ("; run(s) " + ", ".join(capped) + " stopped by the epoch or wall-time cap before early "
                      "stopping, so their best epoch is a lower bound")
