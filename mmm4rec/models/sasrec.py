@@ -28,6 +28,14 @@ class SASRecDense(nn.Module):
         layer.self_attn.dropout = cfg.attn_dropout_prob
         self.encoder = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.apply(lambda m: init_weights(m, cfg.init_range))
+        # RecBole's SASRec init: every Embedding and attention projection N(0, init_range) too.
+        # PyTorch's defaults (N(0, 1) positions, Xavier in_proj) left the positions 50x the item
+        # rows (N(0, 0.02)), so after the input LayerNorm the sequence carried almost no item
+        # identity and training sat on the popularity plateau for ~12 epochs (docs/transfer.md).
+        nn.init.normal_(self.pos.weight, 0.0, cfg.init_range)
+        for layer in self.encoder.layers:
+            nn.init.normal_(layer.self_attn.in_proj_weight, 0.0, cfg.init_range)
+            nn.init.zeros_(layer.self_attn.in_proj_bias)
 
     def forward(self, seq: SeqInput | None = None, items: dict[str, torch.Tensor] | None = None):
         u = v = None
