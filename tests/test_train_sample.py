@@ -31,6 +31,16 @@ def batches(data, split, batch_size, seed=None):
     return [collate(samples[i:i + batch_size], MAX_LEN) for i in range(0, len(samples), batch_size)]
 
 
+def popularity_hr10(data) -> float:
+    """Test HR@10 of ranking every user by the items' training-target counts."""
+    train = [s for seq in data.sequences for s in expand(seq.user, seq.items, seq.times, "train", MAX_LEN)]
+    test = [s for seq in data.sequences for s in expand(seq.user, seq.items, seq.times, "test", MAX_LEN)]
+    counts = np.bincount([s["target"] for s in train], minlength=data.num_items + 1)
+    counts[0] = -1
+    top10 = set(np.argsort(-counts, kind="stable")[:10].tolist())
+    return float(np.mean([s["target"] in top10 for s in test]))
+
+
 def fit(model, data, epochs, lr, loss="full"):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     epoch_losses = []
@@ -81,6 +91,9 @@ def test_sasrec_learns_on_real_sample(scientific):
     losses = fit(model, scientific, epochs=6, lr=2e-3)
     after = evaluate(model, test)
     rand = random_ranking_hr(10, scientific.num_items)
-    print(f"SASRec losses {losses}, test HR@10 {after['hr@10']:.4f} (random {rand:.4f})")
+    pop = popularity_hr10(scientific)
+    print(f"SASRec losses {losses}, test HR@10 {after['hr@10']:.4f} (random {rand:.4f}, popularity {pop:.4f})")
     assert losses[-1] < losses[0]
-    assert after["hr@10"] > 3 * rand
+    # above the popularity ranking, not only above random: with PyTorch's N(0, 1) position
+    # init SASRec sat on the popularity plateau (test HR@10 0.035 here) for ~12 epochs
+    assert after["hr@10"] > 1.5 * pop
