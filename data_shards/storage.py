@@ -51,6 +51,12 @@ def storage_options_for(url: str, options: Mapping[str, Any] | None) -> dict:
             opts.setdefault("client_kwargs", {})["region_name"] = region
         if opts.get("anon") is False:
             opts.pop("anon")
+        # One place retries: RetryingFS (backoff, storage.retry_seconds, a "[storage]" line).
+        # botocore's retries and s3fs's (make_fs) would otherwise absorb a short outage silently,
+        # for a time that depends on when it hits (seconds, nested), neither logged nor bounded.
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("retries", {"total_max_attempts": 1})
+        opts["config_kwargs"] = config
     else:
         for k in ("endpoint_url", "key", "secret", "token", "anon", "region"):
             opts.pop(k, None)
@@ -241,6 +247,8 @@ def make_fs(url: str, options: Mapping[str, Any], retry_seconds: float = DEFAULT
 
     if isinstance(fs, LocalFileSystem):
         return fs, root
+    if hasattr(fs, "retries"):   # s3fs: one attempt per call; RetryingFS retries (storage_options_for)
+        fs.retries = 1
     return RetryingFS(fs, url, endpoint_of(url, options), retry_seconds, answered=answered), root
 
 

@@ -194,6 +194,30 @@ def test_loader_continues_after_an_outage_without_losing_or_repeating_a_sample(s
 
 
 @pytest.mark.s3
+def test_a_short_outage_is_retried_in_one_place_and_reported(s3, office_s3, proxy, aws_env):
+    """Retries live in one place, RetryingFS: botocore's and s3fs's own retries are off
+    (storage_options_for, make_fs), and a 3 s outage gives a "[storage]" line, then "answers
+    again". Nested, the library retries (s3fs 5 attempts x botocore's legacy 5 with backoff up
+    to 8 s) could absorb an outage of ~15 s silently, depending on when it hit: a CI run of
+    test_run_survives_a_15s_storage_outage_* waited 25 s and passed everything but its
+    "[storage]" line."""
+    from data_shards.storage import make_fs, storage_options_for
+
+    opts = storage_options_for(office_s3, {"endpoint_url": proxy.url, "key": s3.key, "secret": s3.secret})
+    fs, root = make_fs(office_s3, opts, skip_instance_cache=True)
+    assert fs.wrapped.retries == 1 and fs.wrapped.config_kwargs["retries"] == {"total_max_attempts": 1}
+    msgs = []
+    fs._log = msgs.append
+    manifest = fs.cat_file(f"{root}/manifest.json")         # the endpoint has answered
+    proxy.outage(3)
+    t0 = time.monotonic()
+    assert fs.cat_file(f"{root}/manifest.json") == manifest
+    assert time.monotonic() - t0 >= 2.5, "the read did not wait for the outage"
+    assert any(m.startswith("[storage]") and "retrying" in m for m in msgs), msgs
+    assert any("answers again" in m for m in msgs), msgs
+
+
+@pytest.mark.s3
 @pytest.mark.parametrize("workers", [0, 2])
 def test_outage_longer_than_retry_seconds_stops_with_one_line(s3, office_s3, proxy, aws_env, workers):
     """Given up after retry_seconds, in the reading process or in a DataLoader worker (whose
