@@ -20,7 +20,7 @@ inputs, the same for every path, so the numbers isolate the catalog's cost):
 ``eval users/s``: every rank encodes its own items once, then ranks ``--eval-users``
 users per rank against all items (``sharded_target_ranks``).
 
-    python benchmarks/catalog.py --items 100000 1000000 --procs 1 2 [--markdown out.md]
+    python -m benchmarks.catalog --items 100000 1000000 --procs 1 2 [--markdown out.md]
 
 Memory is the peak resident set of each process over its training steps minus its
 resident set after start-up (imports, process group), the largest over the ranks (the
@@ -40,9 +40,11 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
 PATHS = ("allitems", "vocab", "sampled")
 

@@ -15,7 +15,7 @@ Protocol (the real Scientific split, ``unisrec_scientific``, 5-core, MiniLM text
    held-out item has none) and a uniformly random ranking (expected value); and the target's
    rank among the held-out items alone (model vs random). Warm users for reference.
 
-    python benchmarks/cold_start.py [--epochs 2] [--holdout 0.1] [--markdown out.md]
+    python -m benchmarks.cold_start [--epochs 2] [--holdout 0.1] [--markdown out.md]
 """
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.report import markdown_report
 from data_shards import TextEncoder, collate, import_dataset

@@ -21,6 +21,11 @@ import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
 
 # shared memory one block may use (opt-in maximum), by compute capability
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}

@@ -14,7 +14,7 @@ Data: the bundled ``scientific_mm`` sample (2,928 users, 10,928 train samples pe
 epoch), or with ``--dataset unisrec_scientific`` the full Scientific set from
 ``$MMM4REC_SHARED_DATA`` (34,101 train samples per epoch).
 
-    python benchmarks/data_loader.py [--epochs 3] [--batch-size 256] [--markdown out.md]
+    python -m benchmarks.data_loader [--epochs 3] [--batch-size 256] [--markdown out.md]
 """
 from __future__ import annotations
 
@@ -26,10 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
+
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from data_shards import FeatureFile, SequenceLoader, build_shards, import_dataset
 from scripts.s3_server import moto_binary, moto_server
 

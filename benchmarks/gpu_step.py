@@ -14,9 +14,9 @@ over ``--repeats`` timed steps after warm-up (CUDA synchronised), sequences/s, p
 log, ``benchmarks/kernels.py`` JSON, this script's JSON) into ``summary.json`` and
 ``summary.md``.
 
-    python benchmarks/gpu_step.py step --out DIR [--batch 1024] [--repeats 20]
-    python benchmarks/gpu_step.py step --out DIR --cpu-smoke      # CPU, tiny sizes (tests)
-    python benchmarks/gpu_step.py report --out DIR
+    python -m benchmarks.gpu_step step --out DIR [--batch 1024] [--repeats 20]
+    python -m benchmarks.gpu_step step --out DIR --cpu-smoke      # CPU, tiny sizes (tests)
+    python -m benchmarks.gpu_step report --out DIR
 """
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,5 +292,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -12,8 +12,8 @@ achieved bandwidth (the bytes the op must move at least: inputs read, outputs an
 gradients written, once each) and FLOP/s (of the algorithm as implemented), against
 ceilings measured in the same run: a device-to-device copy and a dense matmul.
 
-    python benchmarks/kernels.py [--dtype bf16|fp16|fp32] [--batch 1024] [--json out.json]
-    python benchmarks/kernels.py --interpret-smoke    # CPU: one tiny shape, interpreter
+    python -m benchmarks.kernels [--dtype bf16|fp16|fp32] [--batch 1024] [--json out.json]
+    python -m benchmarks.kernels --interpret-smoke    # CPU: one tiny shape, interpreter
 
 Needs a CUDA GPU; without one it says so and exits 0. ``--interpret-smoke`` runs one
 tiny shape through the same code path on CPU via TRITON_INTERPRET=1 (a test of this
@@ -30,6 +30,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -246,11 +250,10 @@ def main(argv=None) -> int:
     import torch
 
     if not args.interpret_smoke and not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU and found none (torch.cuda.is_available() "
+        print("python -m benchmarks.kernels needs a CUDA GPU and found none (torch.cuda.is_available() "
               "is False): nothing was timed.\nOn CPU, `--interpret-smoke` runs one tiny shape "
               "through Triton's interpreter to check this script's code path.")
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import triton
 
     device = "cpu" if args.interpret_smoke else "cuda"

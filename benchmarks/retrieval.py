@@ -16,7 +16,7 @@ trained export with ``--model``. Catalog: the sample's 1,585 real items plus syn
 (a real item's features plus Gaussian noise of half the features' spread), encoded by the
 exported item encoder, up to 10^5 / 10^6 items. Queries: the sample's real test histories.
 
-    python benchmarks/retrieval.py [--sizes 100000 1000000] [--queries 1024] [--batch 256]
+    python -m benchmarks.retrieval [--sizes 100000 1000000] [--queries 1024] [--batch 256]
                                    [--threads 2] [--markdown out.md]
 """
 from __future__ import annotations
@@ -28,11 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
+
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.report import markdown_report
 from data_shards import ensure_sample_shards, expand, iter_sequences, load_item_table

@@ -19,9 +19,9 @@ configuration. ``--allocator retain`` runs both workers with freed memory kept f
 the default is glibc's defaults, what a run gets. The last table is the SSD alone in this tree:
 the dual (quadratic) form against the chunked scan, and what the CPU dispatch runs.
 
-    python benchmarks/train_step.py                      # the full table (~15 min on 2 cores)
-    python benchmarks/train_step.py --quick              # every code path at tiny sizes
-    python benchmarks/train_step.py --batches 256 --threads 1 --layers 1 --long --profile
+    python -m benchmarks.train_step                      # the full table (~15 min on 2 cores)
+    python -m benchmarks.train_step --quick              # every code path at tiny sizes
+    python -m benchmarks.train_step --batches 256 --threads 1 --layers 1 --long --profile
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "0bf4054"
@@ -62,9 +66,8 @@ def _worker(src: str, threads: int, allocator: str) -> None:
     torch.set_num_threads(threads)
     if allocator == "retain" and not _retain_freed_memory():
         print("train_step.py: --allocator retain: mallopt not available here; default allocator", file=sys.stderr)
-    from gpu_step import make_batch  # this script's folder (the same batches as the GPU rows)
-
     import mmm4rec
+    from benchmarks.gpu_step import make_batch  # the same batches as the GPU rows
     from mmm4rec import MMM4Rec, MMM4RecConfig
 
     state: dict = {}
@@ -147,12 +150,12 @@ def _worker(src: str, threads: int, allocator: str) -> None:
 class Worker:
     def __init__(self, src: Path, threads: int, allocator: str):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   PYTHONPATH=str(src))
+                   PYTHONPATH=os.pathsep.join(dict.fromkeys([str(src), str(ROOT)])))   # src's mmm4rec first
         env.pop("TRITON_INTERPRET", None)
         env.pop("MMM4REC_KERNELS", None)
         env.pop("MMM4REC_RETAIN_FREED_MEMORY", None)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(src), "--threads", str(threads),
-                                      "--allocator", allocator],
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.train_step", "--worker", str(src),
+                                      "--threads", str(threads), "--allocator", allocator],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=src)
 
     def __call__(self, **cmd) -> dict:
@@ -225,7 +228,6 @@ def run_config(pair: dict, cfg: dict, rounds: int, steps: int) -> dict:
 def ssd_rows_table(lengths: list[int], tokens: int, repeats: int) -> list[dict]:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from mmm4rec.kernels.dispatch import _ssd_reference
     from mmm4rec.kernels.ssd_ref import (
         ssd_chunked_folded,

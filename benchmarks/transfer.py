@@ -1,8 +1,8 @@
 """Transfer study on real data: pretrain MMM4Rec on a multi-domain Amazon mix, export,
 fine-tune on Amazon Scientific, against scratch and SASRec (issue 15, docs/transfer.md).
 
-    python benchmarks/transfer.py --data ../shared/data --out runs/transfer            # the study
-    python benchmarks/transfer.py --data ../shared/data --out runs/transfer-quick --quick
+    python -m benchmarks.transfer --data ../shared/data --out runs/transfer            # the study
+    python -m benchmarks.transfer --data ../shared/data --out runs/transfer-quick --quick
 
 Everything runs through the project's commands as subprocesses (``mmm4rec data build``,
 ``mmm4rec train`` = ``dist/train.py`` under the deepspeed launcher for ``--nproc`` > 1,
@@ -40,6 +40,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+if not __package__:  # run as a file, benchmarks/ would lead sys.path and shadow installed modules (__init__.py)
+    sys.exit(print(f"run it as a module from the repository root: python -m benchmarks.{Path(__file__).stem} ...",
+                   file=sys.stderr) or 2)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -556,7 +560,7 @@ def plot(out: Path, res: dict) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="benchmarks/transfer.py", description=__doc__.split("\n\n")[0],
+        prog="python -m benchmarks.transfer", description=__doc__.split("\n\n")[0],
         epilog="Runs: " + "; ".join(f"{k}: {v[0]}" for k, v in RUNS.items()) + ". See docs/transfer.md.")
     ap.add_argument("--data", required=True, help="the shared data folder (holds seqrec_benchmark/, "
                                                   "unisrec_scientific/, missrec_scientific_mm_subset/)")
@@ -605,10 +609,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         res = run_study(args)
     except StudyError as e:
-        print(f"benchmarks/transfer.py: error: {e}", file=sys.stderr)
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        print(f"benchmarks/transfer.py: error: {e}", file=sys.stderr)
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 1
     failed = [r for r, e in res["runs"].items() if not e["finished"]]
     if failed:

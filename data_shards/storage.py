@@ -28,6 +28,8 @@ from typing import Any
 
 import fsspec
 
+from mmm4rec.errors import import_optional
+
 from .errors import ShardError, StorageError
 
 _log = logging.getLogger(__name__)
@@ -236,6 +238,8 @@ def probe_bucket(fs: RetryingFS, url: str) -> None:
 def make_fs(url: str, options: Mapping[str, Any], retry_seconds: float = DEFAULT_RETRY_SECONDS, *,
             skip_instance_cache: bool = False, answered: bool = False):
     """``(fs, root)`` for ``url``: remote filesystems wrapped in :class:`RetryingFS`."""
+    if url.startswith(("s3://", "s3a://")):   # fsspec would say "install s3fs" for a broken one too
+        import_optional("s3fs", "s3", f"{url.split('://', 1)[0]}:// storage")
     try:
         fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=skip_instance_cache, **options)
     except Exception as e:  # noqa: BLE001

@@ -19,7 +19,7 @@ import csv
 import math
 from pathlib import Path
 
-from mmm4rec.errors import UserError
+from mmm4rec.errors import OptionalDependencyError, UserError, import_optional
 
 __all__ = ["read_epochs", "plot_curves", "curves_table", "register"]
 
@@ -82,14 +82,12 @@ def curves_table(runs: dict[str, list[dict]], metric: str, markdown: bool = Fals
 
 def plot_curves(runs: dict[str, list[dict]], metrics, out: str | Path, title: str) -> Path | None:
     """One panel per metric, one line per run (x: epoch). None (and a message) without matplotlib."""
-    try:
-        import matplotlib
-
+    try:   # a plot is a by-product: without matplotlib (or with a broken one) the run still ends well
+        matplotlib = import_optional("matplotlib", "plots", "plotting")
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("[mmm4rec] matplotlib is not installed: no plot (pip install \"mmm4rec[plots]\")", flush=True)
+        plt = import_optional("matplotlib.pyplot", "plots", "plotting")
+    except OptionalDependencyError as e:
+        print(f"[mmm4rec] no plot: {e}", flush=True)
         return None
     metrics = list(metrics)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
@@ -97,7 +95,7 @@ def plot_curves(runs: dict[str, list[dict]], metrics, out: str | Path, title: st
         for label, rows in runs.items():
             pts = [(r["epoch"], r[metric]) for r in rows if metric in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from mmm4rec.config import ConfigError, redact_argv
+from mmm4rec.errors import import_optional
 
 __all__ = ["check_trackers", "open_trackers", "WandbTracker", "MlflowTracker"]
 
@@ -46,8 +47,7 @@ def _run_id_file(output_dir: Path, name: str) -> Path:
 
 class WandbTracker:
     def __init__(self, cfg, output_dir: Path, run_name: str, config: dict, resume: bool):
-        import wandb
-
+        wandb = import_optional("wandb", "trackers", "trackers.wandb")
         d = Path(cfg.dir) if cfg.dir else output_dir          # wandb adds its own wandb/ folder
         d.mkdir(parents=True, exist_ok=True)
         id_file = _run_id_file(output_dir, "wandb")
@@ -75,8 +75,7 @@ class WandbTracker:
 
 class MlflowTracker:
     def __init__(self, cfg, output_dir: Path, run_name: str, config: dict, resume: bool):
-        import mlflow
-
+        mlflow = import_optional("mlflow", "trackers", "trackers.mlflow")
         self.mlflow = mlflow
         uri = cfg.tracking_uri
         if not uri:

@@ -15,12 +15,14 @@ A light leaf module: it imports nothing of the project, so every package may use
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback as _traceback
 from collections.abc import Callable
+from types import ModuleType
 
-__all__ = ["EXIT_USER_ERROR", "UserError", "add_traceback_flag", "is_user_error", "one_line", "report_user_error",
-           "run_command"]
+__all__ = ["EXIT_USER_ERROR", "OptionalDependencyError", "UserError", "add_traceback_flag", "import_optional",
+           "is_user_error", "one_line", "report_user_error", "run_command"]
 
 #: exit status of a user error (argparse's status for a bad command line, too)
 EXIT_USER_ERROR = 2
@@ -30,6 +32,39 @@ TRACEBACK_HELP = "on a user error (config, data, storage: exit status 2), print 
 
 class UserError(Exception):
     """An error the user can act on: its message names the file, field, record or URL and why."""
+
+
+class OptionalDependencyError(UserError, ImportError):
+    """An optional dependency (an extra of ``pyproject.toml``) is missing, or is installed
+    but fails to import. An ``ImportError`` too, so that ``except ImportError`` callers that
+    can do without the dependency keep working."""
+
+
+def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import ``module`` (e.g. ``"sentence_transformers"``), one of the ``[extra]`` dependencies
+    needed for ``purpose`` (e.g. ``"encoding item text"``).
+
+    * Not installed (a ``ModuleNotFoundError`` for ``module`` itself or a parent package):
+      :class:`OptionalDependencyError` that names the extra to install.
+    * Installed but failing to import (a dependency of it missing, a module of the user's
+      shadowing one it imports, a binary mismatch, ...): :class:`OptionalDependencyError`
+      naming the module and the real error, *not* the extra (installing it again would not help).
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        parts = module.split(".")
+        if e.name in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+            raise OptionalDependencyError(f"{purpose} needs the '{extra}' extra: pip install \"mmm4rec[{extra}]\" "
+                                          f"({module} is not installed)") from e
+        raise OptionalDependencyError(_broken(module, e)) from e
+    except Exception as e:  # noqa: BLE001 -- any failure at import is a broken install, reported as what it is
+        raise OptionalDependencyError(_broken(module, e)) from e
+
+
+def _broken(module: str, error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{module} is installed but failed to import: {type(error).__name__}: {first}"
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -82,9 +82,9 @@ if [ "$SMOKE" = 1 ]; then
     "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels_gpu.py > /dev/null
   cp "$LOG" "$OUT/kernel_tests.log"
   part 300 "kernels benchmark bf16 (CPU: interpreter smoke)" \
-    "$PY" benchmarks/kernels.py --interpret-smoke --json "$OUT/kernels_bf16.json"
+    "$PY" -m benchmarks.kernels --interpret-smoke --json "$OUT/kernels_bf16.json"
   sed -n "/\[gpu_check\] kernels benchmark bf16 (/,\$p" "$LOG" > "$OUT/kernels_bf16.txt"
-  part 600 "training step (CPU smoke)" "$PY" benchmarks/gpu_step.py step --out "$OUT" --cpu-smoke
+  part 600 "training step (CPU smoke)" "$PY" -m benchmarks.gpu_step step --out "$OUT" --cpu-smoke
 else
   echo "[gpu_check] kernel tests (limit 210s)" | tee -a "$LOG"
   timeout --kill-after=10 210 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels_gpu.py \
@@ -92,11 +92,11 @@ else
   echo "[gpu_check] kernel tests: exit $?" | tee -a "$LOG"
   tail -n 5 "$OUT/kernel_tests.log" | tee -a "$LOG"
   for dt in bf16 fp32; do
-    part 100 "kernels benchmark $dt" "$PY" benchmarks/kernels.py --dtype "$dt" --batch 1024 \
+    part 100 "kernels benchmark $dt" "$PY" -m benchmarks.kernels --dtype "$dt" --batch 1024 \
       --lengths 20,50,200,1000 --json "$OUT/kernels_$dt.json"
     sed -n "/\[gpu_check\] kernels benchmark $dt (/,\$p" "$LOG" > "$OUT/kernels_$dt.txt"
   done
-  part 150 "training step" "$PY" benchmarks/gpu_step.py step --out "$OUT"
+  part 150 "training step" "$PY" -m benchmarks.gpu_step step --out "$OUT"
 fi
-part 60 "report" "$PY" benchmarks/gpu_step.py report --out "$OUT"
+part 60 "report" "$PY" -m benchmarks.gpu_step report --out "$OUT"
 echo "[gpu_check] done: $OUT/summary.md"

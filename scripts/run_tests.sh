@@ -6,10 +6,11 @@
 # then print one combined closing line. Extra arguments go to both pytest runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+VENV=${MMM4REC_VENV:-.venv}
+PY=$VENV/bin/python
 # the venv first on PATH: Triton's compile check and any DeepSpeed JIT op use its tools
 # (two ninjas on PATH invalidate each other's cached builds)
-export PATH="$PWD/.venv/bin:$PATH"
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=$(mktemp -d)

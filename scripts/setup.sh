@@ -4,6 +4,12 @@
 #   scripts/setup.sh            runtime deps + the package (quickstart)
 #   scripts/setup.sh --dev      + test deps, moto S3 server, mamba-ssm's Triton sources,
 #                               Slurm/munge/iproute2 (Debian)
+#   scripts/setup.sh --latest   the newest versions pyproject.toml allows instead of the lock
+#                               (`make test-latest`: into a throwaway venv, MMM4REC_VENV=DIR)
+#
+# Every install is constrained by scripts/requirements-cpu.lock (the versions the suite passed
+# with; `scripts/lock.py` regenerates it), so a fresh venv and an old one end at the same stack;
+# a changed lock changes the stamp below, and the next run reinstalls.
 #
 # The same extras as a pip user's install (pyproject.toml, docs/install.md); the order matters:
 #   1. torch 2.13.0 CPU build first; a constraints file pins it for every later step
@@ -15,24 +21,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0
+LATEST=0
 for a in "$@"; do
   case "$a" in
     --dev) DEV=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --latest) LATEST=1 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
 VENV=${MMM4REC_VENV:-.venv}
-STAMP="$VENV/.mmm4rec-setup-$(cat pyproject.toml scripts/setup.sh scripts/constraints-cpu.txt | sha256sum | cut -c1-16)-$DEV"
+LOCK=scripts/requirements-cpu.lock
+STAMP="$VENV/.mmm4rec-setup-$(cat pyproject.toml scripts/setup.sh scripts/constraints-cpu.txt $LOCK | sha256sum | cut -c1-16)-$DEV-$LATEST"
 if [ -f "$STAMP" ]; then
   echo "[setup] $VENV is up to date"
 else
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
-  C="-c scripts/constraints-cpu.txt"
+  if [ "$LATEST" = 1 ]; then
+    C="-c scripts/constraints-cpu.txt"
+    echo "[setup] --latest: the newest versions pyproject.toml allows (not $LOCK)"
+  else
+    C="-c scripts/constraints-cpu.txt -c $LOCK"
+  fi
   echo "[setup] torch (CPU build)"
-  $PIP "torch==2.13.0"
+  $PIP $C "torch==2.13.0"
   if [ "$DEV" = 1 ]; then EXTRAS="[cpu,s3,features,plots,trackers,serve,dev]"; else EXTRAS="[cpu,s3,features,plots]"; fi
   echo "[setup] mmm4rec$EXTRAS (fbgemm-gpu-cpu through [cpu])"
   DS_BUILD_OPS=0 $PIP $C -e ".$EXTRAS"

@@ -40,3 +40,31 @@ def _restore_environ():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _restore_project_logging():
+    """``mmm4rec.log.setup_logging`` (every CLI entry point calls it, and tests run CLIs
+    in-process) gives the project's loggers a stderr handler and turns propagation off.
+    No test may inherit that from an earlier one: a test that needs it asks for it
+    (the ``project_logging`` fixture), one that reads records uses ``caplog``."""
+    import logging
+
+    from mmm4rec.log import PACKAGES
+
+    saved = {n: (list(lg.handlers), lg.propagate, lg.level) for n in PACKAGES for lg in [logging.getLogger(n)]}
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def project_logging():
+    """The log set-up of our entry points (stderr, ``[tag] message``), for in-process tests
+    that read what a user of the CLI sees on stderr."""
+    from mmm4rec.log import setup_logging
+
+    setup_logging()

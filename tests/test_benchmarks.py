@@ -26,14 +26,14 @@ def _run(*args: str, timeout: int = 600) -> str:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run "
                     "the real benchmark (minutes); run it by hand")
 def test_kernels_benchmark_says_it_needs_a_gpu():
-    out = _run("benchmarks/kernels.py")
+    out = _run("-m", "benchmarks.kernels")
     assert "needs a CUDA GPU and found none" in out and "nothing was timed" in out
 
 
 def test_kernels_benchmark_interpreter_smoke():
     """Every column (ours, PyTorch chunked, quadratic, mamba_ssm when installed), the
     ceilings and the report, on one tiny shape through Triton's interpreter."""
-    out = _run("benchmarks/kernels.py", "--interpret-smoke")
+    out = _run("-m", "benchmarks.kernels", "--interpret-smoke")
     assert "interpreter smoke: code path OK" in out
     ssd_row = next(line for line in out.splitlines() if line.strip().startswith("40 |"))
     from benchmarks.kernel_checks import load_mamba_chunk_scan_combined
@@ -52,13 +52,12 @@ def test_train_step_benchmark_quick(tmp_path):
     """--quick: the baseline commit's package in one worker, this tree in another; the
     numerics check (exit 1 if the loss or a gradient differs), the alternating timing
     rows, the profile and the SSD table."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import DEFAULT_BASELINE
+    from benchmarks.train_step import DEFAULT_BASELINE
 
     if not _have_commit(DEFAULT_BASELINE):
         pytest.skip(f"baseline commit {DEFAULT_BASELINE} not in this clone (shallow?): git fetch --unshallow")
     md, js = tmp_path / "t.md", tmp_path / "t.json"
-    out = _run("benchmarks/train_step.py", "--quick", "--markdown", str(md), "--json", str(js), timeout=1200)
+    out = _run("-m", "benchmarks.train_step", "--quick", "--markdown", str(md), "--json", str(js), timeout=1200)
     res = json.loads(js.read_text())
     assert len(res["numerics"]) == 4 and all(r["equal"] for r in res["numerics"]), out[-3000:]
     assert {(r["layers"], r["L"]) for r in res["steps"]} == {(1, 20), (2, 20), (1, 64), (2, 64)}
@@ -69,7 +68,7 @@ def test_train_step_benchmark_quick(tmp_path):
 
 
 def test_train_step_benchmark_names_a_missing_baseline():
-    out = subprocess.run([sys.executable, "benchmarks/train_step.py", "--quick", "--baseline-commit", "f" * 40],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--quick", "--baseline-commit", "f" * 40],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode != 0 and "is not in this repository" in out.stderr, out.stderr[-2000:]
 
@@ -77,7 +76,7 @@ def test_train_step_benchmark_names_a_missing_baseline():
 def test_gpu_step_cpu_smoke_and_report(tmp_path):
     """The GPU step timer's every row (fp32/bf16, SASRec, the catalog-loss rows) on CPU at
     tiny sizes, and the report's JSON + Markdown."""
-    out = _run("benchmarks/gpu_step.py", "step", "--out", str(tmp_path), "--cpu-smoke", timeout=900)
+    out = _run("-m", "benchmarks.gpu_step", "step", "--out", str(tmp_path), "--cpu-smoke", timeout=900)
     step = json.loads((tmp_path / "train_step.json").read_text())
     from mmm4rec import losses
 
@@ -87,7 +86,7 @@ def test_gpu_step_cpu_smoke_and_report(tmp_path):
     assert {r["precision"] for r in timed} == {"fp32", "bf16"}
     assert {"vocab_parallel", "sampled"} <= kinds      # issue 12's catalog losses are timed
     assert not [r for r in step["rows"] if "ms" not in r]
-    _run("benchmarks/gpu_step.py", "report", "--out", str(tmp_path))
+    _run("-m", "benchmarks.gpu_step", "report", "--out", str(tmp_path))
     md = (tmp_path / "summary.md").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "CPU SMOKE RUN" in md and "| MMM4Rec 1 layer, full softmax over 50 items | bf16 | 4 |" in md
@@ -96,10 +95,10 @@ def test_gpu_step_cpu_smoke_and_report(tmp_path):
 
 
 def test_gpu_step_arguments():
-    bad = subprocess.run([sys.executable, "benchmarks/gpu_step.py", "step", "--out", "x", "--batch", "0"],
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu_step", "step", "--out", "x", "--batch", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and "--batch" in bad.stderr
-    assert "usage" in _run("benchmarks/gpu_step.py", "--help")
+    assert "usage" in _run("-m", "benchmarks.gpu_step", "--help")
 
 
 def test_gpu_check_script_arguments(tmp_path):
@@ -131,7 +130,7 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
 def test_data_loader_benchmark_smoke(tmp_path):
     pytest.importorskip("moto", reason="moto not installed (dev extra)")
     md = tmp_path / "d.md"
-    out = _run("benchmarks/data_loader.py", "--epochs", "1", "--workers", "0",
+    out = _run("-m", "benchmarks.data_loader", "--epochs", "1", "--workers", "0",
                "--train-steps", "1", "--markdown", str(md))
     row = next(line for line in md.read_text().splitlines() if line.startswith("| 0 |"))
     assert row.count("|") == 7, out[-3000:]
@@ -140,7 +139,7 @@ def test_data_loader_benchmark_smoke(tmp_path):
 
 def test_retrieval_benchmark_smoke(tmp_path):
     md = tmp_path / "r.md"
-    out = _run("benchmarks/retrieval.py", "--sizes", "3000", "--queries", "64", "--batch", "32",
+    out = _run("-m", "benchmarks.retrieval", "--sizes", "3000", "--queries", "64", "--batch", "32",
                "--markdown", str(md))
     row = next(line for line in md.read_text().splitlines() if line.startswith("| 3,000 |"))
     assert "x |" in row and "user tower alone" in out, out[-3000:]
@@ -150,14 +149,14 @@ def test_retrieval_benchmark_smoke(tmp_path):
 def test_cold_start_script_smoke(tmp_path, shared_data):
     """The whole protocol (hold-out, export, items add, metrics) with an untrained model."""
     md = tmp_path / "c.md"
-    out = _run("benchmarks/cold_start.py", "--epochs", "0", "--markdown", str(md), timeout=1200)
+    out = _run("-m", "benchmarks.cold_start", "--epochs", "0", "--markdown", str(md), timeout=1200)
     text = md.read_text()
     assert "| cold |" in text and "held-out items only" in text, out[-3000:]
 
 
 def test_catalog_benchmark_tiny():
     """benchmarks/catalog.py: every path on 1 and 2 processes, at a tiny size."""
-    out = _run("benchmarks/catalog.py", "--items", "3000", "30000", "--procs", "1", "2", "--text-dim", "16",
+    out = _run("-m", "benchmarks.catalog", "--items", "3000", "30000", "--procs", "1", "2", "--text-dim", "16",
                "--hidden", "8", "--negatives", "32", "--steps", "1", "--eval-users", "32", "--chunk", "1000")
     rows = [line for line in out.splitlines() if line.startswith("| 3") and "|" in line[1:]]
     assert len(rows) == 12, out

@@ -170,7 +170,7 @@ def _epoch(loader, on_batch=None) -> list:
 
 @pytest.mark.s3
 def test_loader_continues_after_an_outage_without_losing_or_repeating_a_sample(s3, office_s3, proxy, aws_env,
-                                                                               capfd):
+                                                                               project_logging, capfd):
     reference = _epoch(_loader(office_s3, s3, s3.endpoint_url))
     assert len(reference) > 10
     loader = _loader(office_s3, s3, proxy.url)
@@ -191,6 +191,47 @@ def test_loader_continues_after_an_outage_without_losing_or_repeating_a_sample(s
         assert a.keys() == b.keys()
         for k in a:
             assert np.array_equal(a[k].numpy(), b[k].numpy()), k
+
+
+_PLAIN_READER = """
+import sys
+from data_shards import SequenceLoader, ShardsConfig, StorageConfig
+url, endpoint, key, secret = sys.argv[1:5]
+cfg = ShardsConfig(url=url, storage=StorageConfig(endpoint_url=endpoint, key=key, secret=secret, retry_seconds=120),
+                   batch_size=64, num_workers=2, shuffle_buffer=64, seed=3)
+n = 0
+for i, _ in enumerate(SequenceLoader(cfg, "train")):
+    n += 1
+    if i == 3:
+        print("AT 3", flush=True)
+        sys.stdin.readline()
+print("BATCHES", n, flush=True)
+"""
+
+
+@pytest.mark.s3
+def test_a_process_without_our_log_setup_still_reports_an_outage_on_stderr(s3, office_s3, proxy, aws_env):
+    """A user's own process that reads shards (no CLI of ours, so no ``setup_logging``, no
+    logging configuration at all) waits through an outage with the same "[storage]" lines
+    on stderr: the records reach Python's last-resort handler (a fresh process, unlike a
+    pytest process whose root logger captures them)."""
+    expected = len(_epoch(_loader(office_s3, s3, s3.endpoint_url)))
+    p = subprocess.Popen([sys.executable, "-c", _PLAIN_READER, office_s3, proxy.url, s3.key, s3.secret],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "AT 3"
+        proxy.outage(4)
+        t0 = time.monotonic()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert time.monotonic() - t0 >= 3.5, "the epoch finished within the outage: no read was retried"
+    assert f"BATCHES {expected}" in out, out
+    lines = [ln for ln in err.splitlines() if ln.startswith("[storage]")]
+    assert any("retrying" in ln for ln in lines) and any("answers again" in ln for ln in lines), err[-3000:]
 
 
 @pytest.mark.s3

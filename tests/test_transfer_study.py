@@ -14,19 +14,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "transfer.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("transfer_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.transfer")
 
 
 def _run(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.transfer", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
 
 
@@ -72,13 +68,13 @@ def test_a_run_cut_before_its_first_epoch_is_a_fractional_point(tmp_path):
 def test_bad_input_is_one_line_exit_2(tmp_path):
     proc = _run("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--quick")
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == (f"benchmarks/transfer.py: error: --data {tmp_path / 'nowhere'}: not a directory "
-                                   "(the shared data folder holding seqrec_benchmark/, unisrec_scientific/ and "
-                                   "missrec_scientific_mm_subset/)")
+    assert proc.stderr.strip() == (f"python -m benchmarks.transfer: error: --data {tmp_path / 'nowhere'}: "
+                                   "not a directory (the shared data folder holding seqrec_benchmark/, "
+                                   "unisrec_scientific/ and missrec_scientific_mm_subset/)")
     (tmp_path / "data").mkdir()
     proc = _run("--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--runs", "a,zz")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "benchmarks/transfer.py: error: --runs: unknown run(s) ['zz']; choose from " \
+    assert proc.stderr.strip() == "python -m benchmarks.transfer: error: --runs: unknown run(s) ['zz']; choose from " \
                                   "a,b,c,d,e,title"
     proc = _run("--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--pretrain-epochs", "0")
     assert proc.returncode == 2 and "--pretrain-epochs: must be >= 1" in proc.stderr

@@ -14,17 +14,17 @@ import math
 
 import numpy as np
 
+from mmm4rec.errors import import_optional
+
 __all__ = ["KINDS", "build_index", "default_nlist", "default_nprobe", "faiss", "search"]
 
 KINDS = ("exact", "approx")
 
 
 def faiss():
-    try:
-        import faiss as _faiss
-    except ImportError:
-        raise ImportError("serving needs FAISS: pip install 'mmm4rec[serve]' (faiss-cpu)") from None
-    return _faiss
+    """The ``faiss`` module (the ``[serve]`` extra); an :class:`OptionalDependencyError` (an
+    ``ImportError``, exit 2 at the CLI) names the extra when it is missing, or the real cause."""
+    return import_optional("faiss", "serve", "serving (retrieval indexes)")
 
 
 def default_nlist(n: int) -> int:
