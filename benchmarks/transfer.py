@@ -277,50 +277,79 @@ def run_study(args) -> dict:
         _run(f"build {name}", cmd, logs / f"build-{name}.log", env)
         stamp.write_text(json.dumps(cmd[3:]))
 
-    # 2. pretraining + export
+    # 2. pretraining + export (OUT/runs/<shards>[-<pretrain tag>], OUT/exports/...)
     exports = {}
     pre_jobs = []
     for name in sorted(need_pre):
-        run_dir = out / "runs" / name
+        tagged = pretrain_name(name, args.pretrain_tag)
+        run_dir = out / "runs" / tagged
         sets = ["data.sample=null", f"data.url={shards / name}", f"train.epochs={p['pretrain_epochs']}",
                 f"train.max_wall_time={p['pretrain_wall_time']}", *scale_sets(args.quick, args.nproc),
-                *args.overrides]
+                *args.overrides, *args.pretrain_sets]
         if not (run_dir / "metrics.json").is_file():
-            pre_jobs.append((f"pretrain {name}", train_command("transfer_pretrain.yaml", run_dir, sets, args.nproc,
-                                                                 (run_dir / "checkpoints").is_dir()),
-                             logs / f"pretrain-{name}.log"))
+            pre_jobs.append((f"pretrain {tagged}", train_command(args.pretrain_config, run_dir, sets, args.nproc,
+                                                                   (run_dir / "checkpoints").is_dir()),
+                             logs / f"pretrain-{tagged}.log"))
     codes = _run_pool(pre_jobs, env, args.parallel)
     for name in sorted(need_pre):
-        if codes.get(f"pretrain {name}", 0) != 0:
-            _say(f"pretraining {name} failed: runs that start from it are skipped")
+        tagged = pretrain_name(name, args.pretrain_tag)
+        if codes.get(f"pretrain {tagged}", 0) != 0:
+            _say(f"pretraining {tagged} failed: runs that start from it are skipped")
             continue
-        exp = out / "exports" / name
+        exp = out / "exports" / tagged
         if not (exp / "model.safetensors").is_file():
-            _run(f"export {name}", _mmm4rec("export", str(out / "runs" / name), str(exp)),
-                 logs / f"export-{name}.log", env)
+            _run(f"export {tagged}", _mmm4rec("export", str(out / "runs" / tagged), str(exp)),
+                 logs / f"export-{tagged}.log", env)
         exports[name] = exp
 
-    # 3. fine-tuning on Scientific
+    # 3. fine-tuning on Scientific (OUT/runs/ft-<key>: run_key() names the variant)
     ft_jobs = []
     for r in runs:
         label, cfg, pre, target, extra = RUNS[r]
-        run_dir = out / "runs" / f"ft-{r}"
         if pre and pre not in exports:
             continue
-        sets = ["data.sample=null", f"data.url={shards / target}", f"train.epochs={p['finetune_epochs']}",
-                f"train.max_wall_time={p['finetune_wall_time']}", *extra, *scale_sets(args.quick, args.nproc),
-                *args.overrides]
-        if pre:
-            sets.append(f"train.init_from={exports[pre]}")
-        if not (run_dir / "metrics.json").is_file():
-            ft_jobs.append((f"fine-tune {r}", train_command(cfg, run_dir, sets, args.nproc,
-                                                            (run_dir / "checkpoints").is_dir()),
-                            logs / f"ft-{r}.log"))
+        for seed in seeds_of(args):
+            key = run_key(r, args, seed)
+            run_dir = out / "runs" / f"ft-{key}"
+            sets = ["data.sample=null", f"data.url={shards / target}", f"train.epochs={p['finetune_epochs']}",
+                    f"train.max_wall_time={p['finetune_wall_time']}", *extra, *scale_sets(args.quick, args.nproc),
+                    *args.overrides, *args.finetune_sets, *([f"train.seed={seed}"] if seed is not None else [])]
+            if pre:
+                sets.append(f"train.init_from={exports[pre]}")
+            if not (run_dir / "metrics.json").is_file():
+                ft_jobs.append((f"fine-tune {key}", train_command(cfg, run_dir, sets, args.nproc,
+                                                                  (run_dir / "checkpoints").is_dir()),
+                                logs / f"ft-{key}.log"))
     _run_pool(ft_jobs, env, args.parallel)
 
     results = collect(out, runs, p, args, time.time() - t_study)
     write_report(out, results)
+    if args.records:
+        record_runs(Path(args.records), out, results, args)
     return results
+
+
+def pretrain_name(shards: str, tag: str) -> str:
+    """The pretraining run / export folder of shard set ``shards`` under ``--pretrain-tag``."""
+    return f"{shards}-{tag}" if tag else shards
+
+
+def seeds_of(args) -> list[int | None]:
+    """``--seeds 2020,2021`` -> [2020, 2021]; none given: [None] (the config's own seed)."""
+    return [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [None]
+
+
+def run_key(r: str, args, seed: int | None) -> str:
+    """A fine-tuning run's name: the run letter, then the pretraining tag (for a run that
+    starts from an export), the fine-tuning tag and the seed, where given."""
+    parts = [r]
+    if RUNS[r][2] and args.pretrain_tag:
+        parts.append(args.pretrain_tag)
+    if args.finetune_tag:
+        parts.append(args.finetune_tag)
+    if seed is not None:
+        parts.append(f"s{seed}")
+    return "-".join(parts)
 
 
 # ---------------------------------------------------------------------- results
@@ -389,9 +418,10 @@ def _partial_point(m: dict, run_dir: Path) -> list[dict]:
 def collect(out: Path, runs: list[str], p: dict, args, seconds: float) -> dict:
     res = {"plan": p, "command": shlex.join([sys.executable, *sys.argv]) if args.record_command else None,
            "runs": {}, "pretraining": {}, "study_seconds_this_invocation": round(seconds, 1)}
-    for name in ("pretrain", "pretrain_ml"):
+    for shard_name in ("pretrain", "pretrain_ml"):
+        name = pretrain_name(shard_name, getattr(args, "pretrain_tag", ""))
         m = _load(out / "runs" / name / "metrics.json")
-        man = _load(out / "shards" / name / "manifest.json")
+        man = _load(out / "shards" / shard_name / "manifest.json")
         if m or man:
             res["pretraining"][name] = {
                 "finished": m is not None,
@@ -401,11 +431,13 @@ def collect(out: Path, runs: list[str], p: dict, args, seconds: float) -> dict:
                 "valid_ndcg@10": m and max((c["value"] for c in _curve(m, out / "runs" / name)), default=None),
                 "data": man and {k: man[k] for k in ("num_users", "num_items", "num_interactions")},
             }
-    for r in runs:
-        m = _load(out / "runs" / f"ft-{r}" / "metrics.json")
-        entry = {"label": RUNS[r][0], "finished": m is not None}
+    keys = [(r, run_key(r, args, seed)) for r in runs for seed in seeds_of(args)]
+    for r, key in keys:
+        m = _load(out / "runs" / f"ft-{key}" / "metrics.json")
+        label = RUNS[r][0] + ("" if key == r else f" [{key}]")
+        entry = {"label": label, "run": r, "finished": m is not None}
         if m:
-            curve = _curve(m, out / "runs" / f"ft-{r}") or _partial_point(m, out / "runs" / f"ft-{r}")
+            curve = _curve(m, out / "runs" / f"ft-{key}") or _partial_point(m, out / "runs" / f"ft-{key}")
             entry.update({
                 "test": {k: (m.get("test") or {}).get(k) for k in METRICS},
                 "best_epoch": m.get("best_epoch"), "epochs_run": len(m.get("history", [])),
@@ -416,9 +448,129 @@ def collect(out: Path, runs: list[str], p: dict, args, seconds: float) -> dict:
                 "eval_seconds": m.get("timings", {}).get("eval_seconds"),
                 "curve": curve, "selection_metric": m.get("metric"),
             })
-        res["runs"][r] = entry
+        res["runs"][key] = entry
     res["expectations"] = expectations(res["runs"])
     return res
+
+
+def samples_seen(run_dir: Path) -> int | None:
+    """Training samples a (pretraining) run consumed: full epochs x the train split, plus
+    the steps of an epoch cut by its wall time (micro-batch x accumulation x world size)."""
+    import yaml
+
+    m = _load(run_dir / "metrics.json")
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        samples = _load(Path(cfg["data"]["url"]) / "manifest.json")["splits"]["train"]["samples"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    spe = _steps_per_epoch(m or {}, run_dir)
+    if not m or not spe:
+        return None
+    full, rem = divmod(int(m.get("steps") or 0), spe)
+    per_step = cfg["data"]["batch_size"] * cfg["train"].get("gradient_accumulation_steps", 1) * int(
+        m.get("world_size") or 1)
+    return full * samples + min(rem * per_step, samples)
+
+
+def _git_commit() -> str | None:
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return r.stdout.strip() or None
+
+
+def record_runs(path: Path, out: Path, res: dict, args) -> None:
+    """Upsert one record per finished fine-tuning run of this study into ``path`` (the
+    committed docs/transfer_results.json that docs/transfer.md's tables are made from)."""
+    import datetime
+    import platform
+
+    import yaml
+
+    records = json.loads(path.read_text()) if path.is_file() else []
+    commit = _git_commit()
+    for key, e in res["runs"].items():
+        if not e["finished"]:
+            continue
+        run_dir = out / "runs" / f"ft-{key}"
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        init = cfg["train"].get("init_from")
+        pre = None
+        if init:
+            pre_dir = out / "runs" / Path(init).name
+            pre_cfg = yaml.safe_load((pre_dir / "config.yaml").read_text()) if (pre_dir / "config.yaml").is_file() \
+                else {}
+            pre = {"name": Path(init).name, "config": args.pretrain_config, "overrides": list(args.pretrain_sets),
+                   "samples_seen": samples_seen(pre_dir),
+                   "model": {k: pre_cfg.get("model", {}).get(k) for k in ("use_id", "num_layers")},
+                   "gradient_accumulation_steps": pre_cfg.get("train", {}).get("gradient_accumulation_steps"),
+                   "users_per_domain": res["plan"].get("users_per_domain")}
+        rec = {"name": key, "run": e["run"], "label": e["label"], "study": str(out),
+               "start": "scratch" if not init else "pretrained", "pretraining": pre,
+               "config": RUNS[e["run"]][1], "overrides": [*RUNS[e["run"]][4], *args.finetune_sets],
+               "pretraining_samples_seen": pre and pre["samples_seen"],
+               "seed": cfg["train"].get("seed"), "best_epoch": e["best_epoch"], "epochs_run": e["epochs_run"],
+               "stopped_early": e["stopped_early"], "stopped_by_wall_time": e["stopped_by_wall_time"],
+               "test": e["test"], "train_seconds": e["train_seconds"], "eval_seconds": e["eval_seconds"],
+               "valid_curve_ndcg@10": [[c["epoch"], c["value"]] for c in e.get("curve", [])],
+               "git_commit": commit, "recorded": datetime.date.today().isoformat(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) per run"}
+        records = [r for r in records if (r["study"], r["name"]) != (rec["study"], rec["name"])] + [rec]
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    _say(f"recorded {sum(e['finished'] for e in res['runs'].values())} run(s) in {path}")
+
+
+RECORDS_BEGIN = "<!-- transfer_results: generated by python -m benchmarks.transfer --report-only --records ... -->"
+RECORDS_END = "<!-- /transfer_results -->"
+
+
+def records_table(records: list[dict]) -> str:
+    """The Markdown table of every recorded fine-tuning run, with the mean and spread over
+    seeds of each variant (same name but the seed)."""
+    lines = ["| run | start (pretraining) | pretraining samples | overrides | seed | test HR@10 | NDCG@10 | HR@50 "
+             "| NDCG@50 | best epoch / run | train s | commit |", "|" + "---|" * 12]
+    for r in records:
+        pre = r.get("pretraining") or {}
+        start = "scratch" if r["start"] == "scratch" else (f"{pre.get('name')} ({pre.get('config')}"
+                                                           + (f"; {', '.join(pre['overrides'])}" if pre.get(
+                                                               "overrides") else "") + ")")
+        t = r["test"]
+        lines.append(f"| {r['label']} | {start} | {_fi(r.get('pretraining_samples_seen'))} | "
+                     f"{', '.join(r['overrides']) or '-'} | {r.get('seed')} | "
+                     + " | ".join(_f(t.get(k)) for k in METRICS)
+                     + f" | {r['best_epoch']} / {r['epochs_run']} | {_f(r.get('train_seconds'), 0)} | "
+                       f"{(r.get('git_commit') or '-')[:7]} |")
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        base = r["name"].rsplit("-s", 1)[0] if r.get("seed") is not None and r["name"].endswith(f"-s{r['seed']}") \
+            else r["name"]
+        groups.setdefault(f"{r['study']}::{base}", []).append(r)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if multi:
+        lines += ["", "| variant | seeds | test NDCG@10 mean | spread (max - min) | best epoch mean |",
+                  "|---|---|---|---|---|"]
+        for k, v in multi.items():
+            nd = [x["test"]["ndcg@10"] for x in v]
+            lines.append(f"| {k.split('::', 1)[1]} | {len(v)} | {sum(nd) / len(nd):.4f} | {max(nd) - min(nd):.4f} | "
+                         f"{sum(x['best_epoch'] for x in v) / len(v):.1f} |")
+    return "\n".join(lines)
+
+
+def _fi(v) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def write_records_doc(records_path: Path, doc: Path) -> None:
+    """Replace the generated block of ``doc`` with the table of ``records_path``."""
+    records = json.loads(records_path.read_text())
+    text = doc.read_text()
+    block = f"{RECORDS_BEGIN}\n{records_table(records)}\n{RECORDS_END}"
+    if RECORDS_BEGIN in text and RECORDS_END in text:
+        head, rest = text.split(RECORDS_BEGIN, 1)
+        text = head + block + rest.split(RECORDS_END, 1)[1]
+    else:
+        raise StudyError(f"{doc}: no generated block ({RECORDS_BEGIN} ... {RECORDS_END}) to replace")
+    doc.write_text(text)
+    _say(f"wrote the {len(records)} record(s) of {records_path} into {doc}")
 
 
 def _ran(e: dict) -> str:
@@ -562,10 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.transfer", description=__doc__.split("\n\n")[0],
         epilog="Runs: " + "; ".join(f"{k}: {v[0]}" for k, v in RUNS.items()) + ". See docs/transfer.md.")
-    ap.add_argument("--data", required=True, help="the shared data folder (holds seqrec_benchmark/, "
-                                                  "unisrec_scientific/, missrec_scientific_mm_subset/)")
-    ap.add_argument("--out", required=True, help="study folder: shards, runs, exports, logs, results (new or an "
-                                                 "earlier study's, which is continued)")
+    ap.add_argument("--data", help="the shared data folder (holds seqrec_benchmark/, "
+                                   "unisrec_scientific/, missrec_scientific_mm_subset/)")
+    ap.add_argument("--out", help="study folder: shards, runs, exports, logs, results (new or an "
+                                  "earlier study's, which is continued)")
     ap.add_argument("--quick", action="store_true",
                     help="a test of the script in CI time: 2 domains, 40 users each, 150 Scientific users, 1 epoch "
                          "of 2 steps per run; the numbers mean nothing")
@@ -591,7 +743,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every training run, repeatable (e.g. --set train.max_steps=3 "
                          "--set data.num_workers=0)")
-    ap.add_argument("--report-only", action="store_true", help="only (re)write the results from finished runs")
+    ap.add_argument("--pretrain-config", default="transfer_pretrain.yaml",
+                    help="the pretraining config in configs/ (default transfer_pretrain.yaml; the release's "
+                         "recipe: transfer_pretrain_release.yaml)")
+    ap.add_argument("--pretrain-set", dest="pretrain_sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override of the pretraining run only, repeatable")
+    ap.add_argument("--finetune-set", dest="finetune_sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override of the fine-tuning runs only, repeatable (e.g. "
+                         "--finetune-set train.param_groups.rows.lr_scale=0.3)")
+    ap.add_argument("--pretrain-tag", default="", help="names this pretraining variant: OUT/runs/pretrain-TAG, "
+                                                        "OUT/exports/pretrain-TAG (the shards are shared)")
+    ap.add_argument("--finetune-tag", default="", help="names this fine-tuning variant: OUT/runs/ft-RUN[-PTAG]-FTAG")
+    ap.add_argument("--seeds", default="", help="fine-tuning seeds, comma-separated (default: the config's, 2020); "
+                                                "each seed is its own run, ft-...-sSEED")
+    ap.add_argument("--records", default="", metavar="JSON",
+                    help="upsert a record per finished fine-tuning run into this file (docs/transfer_results.json)")
+    ap.add_argument("--doc", default="", metavar="MD", help="with --report-only --records: rewrite the generated "
+                                                            "table of this Markdown file (docs/transfer.md)")
+    ap.add_argument("--report-only", action="store_true", help="only (re)write the results from finished runs "
+                                                               "(with --records and --doc and no --out: only the doc)")
     ap.add_argument("--no-record-command", dest="record_command", action="store_false",
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -601,11 +771,24 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("pretrain_epochs", "finetune_epochs", "nproc", "threads", "parallel"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')}: must be >= 1")
+    for tag in (args.pretrain_tag, args.finetune_tag):
+        if tag and not all(c.isalnum() or c in "_." for c in tag):
+            ap.error(f"--pretrain-tag/--finetune-tag {tag!r}: letters, digits, '_' and '.' only")
+    if not args.report_only and not (args.data and args.out):
+        ap.error("--data and --out are required (except for --report-only --records ... --doc ...)")
+    if args.report_only and not args.out and not (args.records and args.doc):
+        ap.error("--report-only needs --out (a study folder), or --records and --doc")
     try:
         if args.report_only:
-            out = Path(args.out).resolve()
-            runs = [r for r in args.runs.split(",") if r in RUNS]
-            write_report(out, collect(out, runs, plan(args), args, 0.0))
+            if args.out:
+                out = Path(args.out).resolve()
+                runs = [r for r in args.runs.split(",") if r in RUNS]
+                res = collect(out, runs, plan(args), args, 0.0)
+                write_report(out, res)
+                if args.records:
+                    record_runs(Path(args.records), out, res, args)
+            if args.records and args.doc:
+                write_records_doc(Path(args.records), Path(args.doc))
             return 0
         res = run_study(args)
     except StudyError as e:

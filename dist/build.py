@@ -183,13 +183,26 @@ def train_item_counts(url: str, storage, env, num_items: int):
     return env.all_reduce_sum(torch.from_numpy(counts))
 
 
+def _rows_optimizer(cfg: ExperimentConfig):
+    """The model optimizer's settings for the item table's rows (``tables.optimizer: dense``),
+    with ``train.param_groups.rows.weight_decay`` when set."""
+    rows = cfg.train.param_groups.get("rows")
+    if rows is None or rows.weight_decay is None:
+        return cfg.train.optimizer
+    if cfg.tables.optimizer != "dense":
+        raise ConfigError(f"train.param_groups.rows.weight_decay: applies with tables.optimizer: dense; the "
+                          f"{cfg.tables.optimizer} table optimizer takes tables.weight_decay")
+    return dataclasses.replace(cfg.train.optimizer, weight_decay=rows.weight_decay)
+
+
 def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> Parts:
     """Data, model config, ``init_from`` weights, torchrec tables, DeepSpeed engine."""
     from data_shards import SequenceLoader, load_item_rows, read_manifest
 
-    from .engine import build_engine, resolve_precision
+    from .engine import build_engine, lr_multiplier, resolve_precision
     from .env import seed_everything
     from .model import DistRecModel, build_dense
+    from .param_groups import plan_groups
     from .tables import ShardedItemTables
 
     precision = resolve_precision(cfg.train.precision, env.device)
@@ -214,7 +227,10 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
     }
     steps_per_epoch, total_steps = plan_steps(cfg, len(loaders["train"]))
 
-    tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed, dense_optimizer=cfg.train.optimizer)
+    groups = plan_groups(dense.named_parameters(), cfg.train,
+                         lambda step: lr_multiplier(step, total_steps, cfg.train.schedule), steps_per_epoch)
+    tables = ShardedItemTables(specs, cfg.tables, env, seed=cfg.train.seed,
+                               dense_optimizer=_rows_optimizer(cfg))
     feature_names = [s.name for s in specs if s.kind == "feature"]
     if feature_names:   # this rank's rows only, from the item shards that hold them, a block at a time
         from mmm4rec.models.base import item_table_features
@@ -231,9 +247,9 @@ def build(cfg: ExperimentConfig, env, ds_json: dict, load_init: bool = True) -> 
     if cfg.train.loss == "sampled" and cfg.train.sampled.needs_counts:
         counts = train_item_counts(url, storage, env, int(manifest["num_items"]))
     ds_config = finalize_deepspeed_config(ds_json, cfg, env.world_size)
-    engine = build_engine(dense, cfg, ds_config, total_steps)
+    engine = build_engine(dense, cfg, ds_config, total_steps, groups)
     seed_everything(cfg.train.seed, rank=env.rank)   # per-rank dropout streams
     model = DistRecModel(model_type, model_cfg, tables, engine, env, precision, sampled=cfg.train.sampled,
-                         item_counts=counts)
+                         item_counts=counts, rows_lr_factor=groups.rows_factor)
     return Parts(cfg, env, url, manifest, model_type, model_cfg, model, loaders, steps_per_epoch, total_steps,
                  ds_config, precision, notes)

@@ -202,6 +202,28 @@ class SampledConfig:
         return (self.negatives > 0 and self.sampler == "popularity") or (self.inbatch and self.log_q)
 
 
+#: the groups of ``train.param_groups`` (what each holds: dist/param_groups.py)
+PARAM_GROUPS = ("adapters", "time", "ssd", "fourier", "ffn", "fusion", "rows", "rest")
+
+
+@dataclass
+class ParamGroupConfig:
+    """One group of weights (``train.param_groups.<group>``; the groups: dist/param_groups.py):
+    the fine-tuning recipe of a pretrained start."""
+
+    lr_scale: float = 1.0               # this group's LR = train.optimizer.lr x lr_scale (x the schedule)
+    weight_decay: float | None = None   # None: train.optimizer.weight_decay
+    freeze_epochs: int = 0              # LR 0 (weights unchanged) for the first k epochs; -1: throughout
+
+    def validate(self) -> None:
+        if self.lr_scale < 0:
+            raise ConfigError(f"lr_scale: must be >= 0, got {self.lr_scale}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.freeze_epochs < -1:
+            raise ConfigError(f"freeze_epochs: must be >= 0, or -1 (throughout), got {self.freeze_epochs}")
+
+
 @dataclass
 class TrainConfig:
     """How to train. ``data.batch_size`` is the micro-batch per rank; the global batch
@@ -222,6 +244,9 @@ class TrainConfig:
     init_from: str | None = None                    # an export directory (fine-tuning)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # per-group LR scale, weight decay and freezing: adapters, time, ssd, fourier, ffn, fusion,
+    # rows (the item table's ID rows), rest (dist/param_groups.py; docs/training.md)
+    param_groups: dict[str, ParamGroupConfig] = field(default_factory=dict)
     log_every_steps: int = 10                          # (and at every epoch end)
     max_nonfinite_steps: int = 0                       # NaN/inf-loss steps tolerated in a row (bf16 overflow)
     max_wall_time: float = 0.0                         # seconds: stop after the step that passes it, then
@@ -244,6 +269,9 @@ class TrainConfig:
             raise ConfigError(f"loss_chunk_size: must be >= 1, got {self.loss_chunk_size}")
         if self.mask_duplicates and self.loss != "inbatch":
             raise ConfigError("mask_duplicates: only applies to loss: inbatch")
+        unknown = sorted(set(self.param_groups) - set(PARAM_GROUPS))
+        if unknown:
+            raise ConfigError(f"param_groups: unknown group(s) {unknown}; choose from {', '.join(PARAM_GROUPS)}")
 
 
 @dataclass

@@ -23,14 +23,19 @@ import torch
 
 from .checkpoint import use_safe_checkpoint_engine
 from .config import ExperimentConfig, OptimizerConfig, ScheduleConfig
+from .param_groups import GroupPlan
 
 __all__ = ["build_optimizer", "lr_multiplier", "build_scheduler", "build_engine", "resolve_precision",
            "autocast"]
 
 
 def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The torch optimizer of ``cfg`` over ``params``: tensors, or param-group dicts (each
+    may set its own ``lr`` / ``weight_decay``: dist/param_groups.py)."""
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
+    if not (params and isinstance(params[0], dict)):
+        params = [p for p in params if p.requires_grad]
     if cfg.name == "nadam":   # weight_decay is coupled L2 (decoupled_weight_decay=False), as the paper
         return torch.optim.NAdam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
@@ -61,12 +66,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, cfg))
 
 
-def build_engine(dense: torch.nn.Module, cfg: ExperimentConfig, ds_config: dict, total_steps: int):
-    """``deepspeed.initialize`` on the dense module with a torch optimizer + LR schedule."""
+def build_engine(dense: torch.nn.Module, cfg: ExperimentConfig, ds_config: dict, total_steps: int,
+                 groups: GroupPlan | None = None):
+    """``deepspeed.initialize`` on the dense module with a torch optimizer + LR schedule
+    (per param group with ``groups``: ``train.param_groups``)."""
     import deepspeed
 
-    optimizer = build_optimizer(dense.parameters(), cfg.train.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.train.schedule, total_steps)
+    if groups is None:
+        optimizer = build_optimizer(dense.parameters(), cfg.train.optimizer)
+        scheduler = build_scheduler(optimizer, cfg.train.schedule, total_steps)
+    else:
+        optimizer = build_optimizer(groups.param_groups, cfg.train.optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, groups.lambdas)
     with _without_untested_optimizer_warning():
         engine, _, _, _ = deepspeed.initialize(model=dense, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)

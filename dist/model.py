@@ -17,7 +17,7 @@ gradients over ranks, so padding rows and uneven ranks do not change the gradien
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ class DistRecModel:
     (``mmm4rec.contract.RecModel``). Every method that looks items up is collective."""
 
     def __init__(self, model_type: str, config, tables, engine, env, precision: str = "fp32", sampled=None,
-                 item_counts: torch.Tensor | None = None):
+                 item_counts: torch.Tensor | None = None, rows_lr_factor: Callable[[int], float] | None = None):
         self.model_type = model_type
         self.config = config
         self.tables = tables
@@ -58,6 +58,9 @@ class DistRecModel:
         self.sampled = sampled                  # dist.config.SampledConfig (train.loss: sampled)
         self.item_counts = item_counts          # [num_items + 1] training-target counts (log-Q), or None
         self._sampler: Any = None               # mmm4rec.catalog.NegativeSampler, built on first use
+        # the item table's LR factor at an optimizer step (schedule x train.param_groups.rows);
+        # None: follow the dense engine's first param group
+        self.rows_lr_factor = rows_lr_factor
 
     # ------------------------------------------------------------------ plumbing
     @property

@@ -170,6 +170,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def _lr_mult(self) -> float:
+        """The item table's LR factor now: the schedule at this step x its param group's."""
+        factor = getattr(self.model, "rows_lr_factor", None)
+        if factor is not None:
+            return float(factor(self.state.step))
         base = self.cfg.train.optimizer.lr
         return float(self.model.engine.get_lr()[0]) / base if base else 1.0
 
