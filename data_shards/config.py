@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from mmm4rec.config import REDACTED, ConfigError
 
@@ -48,6 +49,18 @@ class ShardsConfig:
     are read in order and in full). ``shuffle_buffer`` is in samples (per loader worker);
     ``num_workers`` 0 reads in the training process. ``verify_checksums`` hashes every
     shard on read.
+
+    ``train_targets``: which samples each split holds (``data_shards.samples``).
+    ``loo`` (default): leave-one-out, every user's last two targets are its valid and
+    test samples and the train split has the prefixes before them. ``all`` (the
+    release's pretraining): every prefix of every user is trained (targets at positions
+    2..n), except for the *monitor* users, a deterministic ``monitor_users`` fraction
+    chosen by a hash of the user index (``samples.monitor_mask``), who give the valid and
+    test samples and nothing to train. With ``all`` and ``monitor_users: 0`` there is
+    nothing left to evaluate on that was not trained on: a valid/test loader is refused
+    (a ``ConfigError``), so such a config is for training without evaluation only.
+    ``monitor_users`` has no effect under ``loo``. With ``all`` and ``monitor_users > 0``
+    the loader reads every sequence shard once when it is built, to count the samples.
     """
 
     url: str = ""
@@ -61,6 +74,8 @@ class ShardsConfig:
     seed: int = 0
     drop_last: bool = False
     verify_checksums: bool = True
+    train_targets: Literal["loo", "all"] = "loo"
+    monitor_users: float = 0.0
 
     def validate(self) -> None:
         if not self.url:
@@ -74,3 +89,7 @@ class ShardsConfig:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.train_targets not in ("loo", "all"):
+            raise ConfigError(f"train_targets: must be one of ['loo', 'all'], got {self.train_targets!r}")
+        if not 0.0 <= self.monitor_users < 1.0:
+            raise ConfigError(f"monitor_users: must be in [0, 1), got {self.monitor_users}")

@@ -20,6 +20,12 @@ the epoch, so every rank and worker computes the same plan without talking):
    does not change between epochs). With ``drop_last`` every slot instead stops
    after the smallest full-batch count of that slot over the ranks.
 
+With ``train_targets: all`` (``ShardsConfig``) the split's samples are those of
+``samples.sample_index(..., "all", monitor_mask(users, monitor_users))``; the per-shard
+counts the plan needs are then computed from the shards (one read of each when
+``monitor_users > 0``, once per process) instead of taken from the manifest, whose
+counts are leave-one-out's. Everything else above holds unchanged.
+
 Resuming on another world size (same global batch): the epoch in progress keeps the
 layout it began with; each new rank reads the old ranks' batches its rows come from and
 takes its rows of the global batch (``_load_resharded``), so that the rest of the epoch
@@ -45,17 +51,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmm4rec.config import ConfigError
 from mmm4rec.contract import Batch
 
 from .config import ShardsConfig
 from .errors import ShardError
-from .samples import SPLITS, collate_index, sample_index
+from .samples import SPLITS, collate_index, monitor_mask, num_samples_array, sample_index
 from .shards import decode_sequence, read_manifest, read_shard_records
 from .storage import Store
 
 __all__ = ["SequenceLoader"]
 
 _DEFAULTS = ShardsConfig(url="-")
+
+#: per-shard sample counts under ``train_targets: all`` with monitor users, by
+#: (shard sha256, monitor fraction): {split: samples}; one read of a shard per process
+_ALL_COUNTS: dict[tuple[str, float], dict[str, int]] = {}
 
 
 def _ranges(total: int, parts: int) -> np.ndarray:
@@ -145,7 +156,8 @@ class SequenceLoader:
         cfg: a :class:`ShardsConfig` (the ``data:`` section), or the shard set's URL (with
             ``ShardsConfig``'s defaults).
         split: ``"train"`` (every prefix of every user), ``"valid"`` / ``"test"`` (one
-            sample per user, each user on exactly one rank).
+            sample per user, each user on exactly one rank); which prefixes and users,
+            per the config's ``train_targets`` / ``monitor_users``.
         rank / world_size: this process's place in the job.
         storage_options: fsspec options (S3 endpoint/credentials), else the config's.
         verify: check each shard's sha256 against the manifest when read (else the
@@ -190,7 +202,17 @@ class SequenceLoader:
         self.store = Store(url, storage_options, retry_seconds=conf.storage.retry_seconds)   # outages: retried
         self.manifest = read_manifest(url, store=self.store)
         self._shards = self.manifest["sequences"]["shards"]
-        self._counts = np.array([s["samples"][split] for s in self._shards], dtype=np.int64)
+        self.train_targets = str(conf.train_targets)
+        self.monitor_users = float(conf.monitor_users)
+        if self.train_targets not in ("loo", "all") or not 0.0 <= self.monitor_users < 1.0:
+            raise ValueError(f"train_targets must be 'loo' or 'all' (got {self.train_targets!r}) and monitor_users "
+                             f"in [0, 1) (got {self.monitor_users})")
+        if self.train_targets == "all" and split != "train" and self.monitor_users == 0:
+            raise ConfigError(f"data.train_targets: all trains on every prefix of every user, so with "
+                              f"data.monitor_users: 0 no {split} sample is left that was not trained on; set "
+                              f"data.monitor_users (e.g. 0.02: that fraction of the users is held out for "
+                              f"valid/test) or use train_targets: loo")
+        self._counts = self._shard_counts(split)
         self.num_samples = int(self._counts.sum())
         self.num_slots = max(self.num_workers, 1)
         self._set_layout(self.rank, self.world_size, self.batch_size)
@@ -198,6 +220,22 @@ class SequenceLoader:
         self._consumed = [0] * self.num_slots
         self._resumed = False
         self._resharded: _ReshardedEpoch | None = None
+
+    def _shard_counts(self, split: str) -> np.ndarray:
+        """int64 [shards]: the split's samples in every shard (``train_targets`` applied)."""
+        if self.train_targets == "loo":
+            return np.array([s["samples"][split] for s in self._shards], dtype=np.int64)
+        if self.monitor_users == 0:   # train only (valid/test are refused): n - 1 per user
+            return np.array([s["interactions"] - s["users"] for s in self._shards], dtype=np.int64)
+        counts = []
+        for k, entry in enumerate(self._shards):
+            key = (str(entry["sha256"]), self.monitor_users)
+            if key not in _ALL_COUNTS:
+                lengths, users = self._read_shard(k)[1:3]
+                mon = monitor_mask(users, self.monitor_users)
+                _ALL_COUNTS[key] = {s: int(num_samples_array(lengths, s, "all", mon).sum()) for s in SPLITS}
+            counts.append(_ALL_COUNTS[key][split])
+        return np.array(counts, dtype=np.int64)
 
     def _set_layout(self, rank: int, world_size: int, batch_size: int) -> None:
         """Place this loader at ``rank`` of ``world_size`` with ``batch_size`` rows per batch."""
@@ -248,6 +286,8 @@ class SequenceLoader:
                "max_len": self.max_len, "rank": self.rank, "world_size": self.world_size,
                "slots": self.num_slots, "seed": self.seed, "shuffle": self.shuffle,
                "shuffle_buffer": self.shuffle_buffer, "drop_last": self.drop_last}
+        if self.train_targets != "loo":   # (absent at the default: older states still resume)
+            key.update(train_targets=self.train_targets, monitor_users=self.monitor_users)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
@@ -375,21 +415,29 @@ class SequenceLoader:
             chunks.append(cur)
         return chunks
 
-    def _read_piece(self, shard: int, lo: int, hi: int) -> _Chunk:
+    def _read_shard(self, shard: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
+        """(records, lengths int64 [U], user indices int64 [U]) of a sequence shard."""
         entry = self._shards[shard]
         where = self.store.display(entry["path"])
         recs = [decode_sequence(r, where, self.num_items) for r in read_shard_records(self.store, entry, self.verify)]
-        lengths = np.array([len(r["items"]) for r in recs], dtype=np.int64)
-        seq, target = sample_index(lengths, self.split)
-        if len(seq) != entry["samples"][self.split]:
-            raise ShardError(where, f"holds {len(seq)} {self.split} samples, the manifest says "
-                                    f"{entry['samples'][self.split]}")
+        return (recs, np.array([len(r["items"]) for r in recs], dtype=np.int64),
+                np.array([int(r["user"]) for r in recs], dtype=np.int64))
+
+    def _read_piece(self, shard: int, lo: int, hi: int) -> _Chunk:
+        entry = self._shards[shard]
+        recs, lengths, users = self._read_shard(shard)
+        mon = monitor_mask(users, self.monitor_users) if self.train_targets == "all" else None
+        seq, target = sample_index(lengths, self.split, self.train_targets, mon)
+        if len(seq) != self._counts[shard]:
+            raise ShardError(self.store.display(entry["path"]),
+                             f"holds {len(seq)} {self.split} samples ({self.train_targets}), the manifest says "
+                             f"{self._counts[shard]}")
         offsets = np.zeros(len(recs) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return _Chunk(
             np.concatenate([r["items"] for r in recs]) if recs else np.zeros(0, np.int64),
             np.concatenate([r["times"] for r in recs]) if recs else np.zeros(0, np.float64),
-            offsets, np.array([int(r["user"]) for r in recs], dtype=np.int64), seq[lo:hi], target[lo:hi])
+            offsets, users, seq[lo:hi], target[lo:hi])
 
     def _slot_batches(self, epoch: int, slot: int, skip_batches: int) -> Iterator[Batch]:
         """The batches of one slot, starting after its first ``skip_batches``."""

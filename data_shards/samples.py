@@ -9,6 +9,13 @@ model spec section 6: for a user with n interactions (1-indexed positions),
 * ``test``  has the target at position n,
 
 and each history is the last ``max_len`` items before the target.
+
+``train_targets: all`` (the release's pretraining, ``ShardsConfig``): every prefix of
+every user is a train sample (targets at positions 2..n), except for a small slice of
+*monitor* users (``monitor_mask``: a hash of the user index, a fraction
+``monitor_users``), who give only their valid (n-1) and test (n) samples and no train
+sample at all. Users that are trained on give no valid/test sample, so nothing that is
+evaluated was trained on.
 """
 from __future__ import annotations
 
@@ -22,10 +29,47 @@ from mmm4rec.contract import Batch
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+TrainTargets = Literal["loo", "all"]
+TRAIN_TARGETS: tuple[str, ...] = ("loo", "all")
+
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
-def target_positions(n: int, split: str) -> range:
-    """0-based target indices of a length-``n`` sequence for ``split``."""
+def monitor_mask(users: np.ndarray, fraction: float) -> np.ndarray:
+    """bool [U]: which of the user indices ``users`` [U] are monitor users (``train_targets: all``).
+
+    A user is one when ``splitmix64(user) / 2**64 < fraction``: a fixed function of the
+    user index alone (the same on every rank, worker, shard layout and run), so about
+    ``fraction`` of the users, spread evenly over shards and domains.
+    """
+    u = np.asarray(users, dtype=np.int64).astype(np.uint64)
+    if fraction <= 0 or u.size == 0:
+        return np.zeros(u.shape, dtype=bool)
+    with np.errstate(over="ignore"):
+        z = u + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def _check_targets(train_targets: str) -> None:
+    if train_targets not in TRAIN_TARGETS:
+        raise ValueError(f"train_targets: must be one of {TRAIN_TARGETS}, got {train_targets!r}")
+
+
+def target_positions(n: int, split: str, train_targets: str = "loo", monitor: bool = False) -> range:
+    """0-based target indices of a length-``n`` sequence for ``split``.
+
+    ``train_targets="all"``: a ``monitor`` user's train targets are none and its
+    valid/test as with ``loo``; any other user's train targets are 1..n-1 and its
+    valid/test none."""
+    _check_targets(train_targets)
+    if train_targets == "all":
+        if split in ("valid", "test") and not monitor:
+            return range(0)
+        if split == "train":
+            return range(0) if monitor else range(1, max(n, 1))
     if split == "train":
         return range(1, max(n - 2, 1))
     if split == "valid":
@@ -35,13 +79,14 @@ def target_positions(n: int, split: str) -> range:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
-def num_samples(n: int, split: str) -> int:
-    return len(target_positions(n, split))
+def num_samples(n: int, split: str, train_targets: str = "loo", monitor: bool = False) -> int:
+    return len(target_positions(n, split, train_targets, monitor))
 
 
-def expand(user: int, items: np.ndarray, times: np.ndarray, split: str, max_len: int) -> Iterator[dict]:
+def expand(user: int, items: np.ndarray, times: np.ndarray, split: str, max_len: int,
+           train_targets: str = "loo", monitor: bool = False) -> Iterator[dict]:
     """Yield the samples of one user sequence for ``split`` (oldest item first)."""
-    for t in target_positions(len(items), split):
+    for t in target_positions(len(items), split, train_targets, monitor):
         lo = max(0, t - max_len)
         yield {
             "user": int(user),
@@ -88,9 +133,18 @@ def collate(samples: Sequence[dict], max_len: int, pad_to: int | None = None) ->
 # The streaming reader enumerates and batches samples with these; tests check them
 # against target_positions / expand / collate above.
 
-def num_samples_array(lengths: np.ndarray, split: str) -> np.ndarray:
-    """int64 [U]: ``num_samples(n, split)`` for every sequence length in ``lengths`` [U]."""
+def num_samples_array(lengths: np.ndarray, split: str, train_targets: str = "loo",
+                      monitor: np.ndarray | None = None) -> np.ndarray:
+    """int64 [U]: ``num_samples(n, split, train_targets, m)`` for every sequence length in
+    ``lengths`` [U] (``monitor``: bool [U], the monitor users; only read with ``all``)."""
     n = np.asarray(lengths, dtype=np.int64)
+    _check_targets(train_targets)
+    if train_targets == "all":
+        m = np.zeros(n.shape, bool) if monitor is None else np.asarray(monitor, dtype=bool)
+        if split == "train":
+            return np.where(m, 0, np.maximum(n - 1, 0))
+        if split in ("valid", "test"):
+            return np.where(m, num_samples_array(n, split), 0)
     if split == "train":
         return np.maximum(n - 3, 0)
     if split == "valid":
@@ -100,14 +154,15 @@ def num_samples_array(lengths: np.ndarray, split: str) -> np.ndarray:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
-def sample_index(lengths: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+def sample_index(lengths: np.ndarray, split: str, train_targets: str = "loo",
+                 monitor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every sample of sequences with ``lengths`` [U], in (sequence, target) order.
 
     Returns ``(seq, target)``, both int64 [S]: the sample's sequence and its 0-based
     target index, exactly the order of ``expand`` over the sequences in turn.
     """
     n = np.asarray(lengths, dtype=np.int64)
-    k = num_samples_array(n, split)
+    k = num_samples_array(n, split, train_targets, monitor)
     seq = np.repeat(np.arange(len(n), dtype=np.int64), k)
     if split == "train":
         starts = np.cumsum(k) - k

@@ -11,12 +11,29 @@ the atomic swap into place) both call :func:`write_files`. Readers: ``from_pretr
 :func:`is_export` / :func:`read_header` / :func:`read_export` / :func:`load_compatible`.
 For shell scripts: ``python -m mmm4rec.export_format detect PATH`` prints the model type
 and exits 0 for an export, or prints why not and exits 1.
+
+What an export never holds: the item tables (frozen features, and the trainable
+per-domain rows: the ID term ``id_text`` / ``id_image`` of ``use_id: true`` and the
+``dynamic_instance`` fusion rows), because they live in the tables, not in the dense;
+a fine-tuning model starts them at their init (zeros). The release drops the same at
+load (``text/vision_item_embedding_bias``), and also ``fusion_factor``; ours keeps the
+``dynamic_shared`` weight (``fusion``, two logits shared by every item) as transferable.
+
+Loading is strict (:func:`check_compatible`: every tensor missing, unexpected or
+differently shaped is an error) with one rule: **whole extra layers are dropped**. An
+export with more layers than the model (``layers.<i>.*`` for ``i >= `` the model's
+``num_layers``; e.g. the release's 2-layer pretraining into its 1-layer fine-tuning)
+loads its first layers; each extra layer is dropped only when it is complete (the same
+tensor names and shapes as the model's layer 0), and what was dropped is logged and
+listed in the header's ``"skipped"`` (:func:`load_compatible`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +43,10 @@ import torch
 from .config import ConfigError
 
 __all__ = ["EXPORT_FILES", "EXPORT_DTYPES", "is_export", "read_header", "read_export", "write_files",
-           "check_compatible", "load_compatible"]
+           "check_compatible", "extra_layers", "load_compatible"]
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 #: what an export holds (the model card, README.md, when written)
 EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
@@ -119,10 +139,33 @@ def check_compatible(own: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple
         raise ConfigError(f"{source} is incompatible with the model config:\n" + "\n".join(problems))
 
 
+def extra_layers(own: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple]) -> list[str]:
+    """Names in ``shapes`` (an export's) that are whole layers beyond the model's: the
+    tensors ``layers.<i>.<rest>`` with ``i`` >= the model's layer count, for each such
+    ``i`` whose tensors are exactly the model's layer 0's (names and shapes). A partial or
+    differently shaped extra layer is not listed (so :func:`check_compatible` reports it)."""
+    own_layers: dict[int, dict[str, tuple]] = {}
+    for k, v in own.items():
+        m = _LAYER.match(k)
+        if m:
+            own_layers.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(v.shape)
+    if not own_layers:
+        return []
+    n_own, template = max(own_layers) + 1, own_layers[0]
+    theirs: dict[int, dict[str, tuple]] = {}
+    for k, shape in shapes.items():
+        m = _LAYER.match(k)
+        if m and int(m.group(1)) >= n_own:
+            theirs.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(shape)
+    return sorted(f"layers.{i}.{rest}" for i, layer in theirs.items() if layer == template for rest in layer)
+
+
 def load_compatible(path: str | os.PathLike, model_type: str, own: Mapping[str, torch.Tensor],
                     what: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
     """(header, state) of the export at ``path`` for a ``model_type`` model whose state
-    dict is ``own``: the type and every tensor's shape checked before any is read."""
+    dict is ``own``: the type and every tensor's shape checked before any is read.
+    Whole extra layers are dropped (module docstring): the header's ``"skipped"`` lists
+    the names not loaded (empty when none)."""
     from safetensors import safe_open
 
     head = read_header(path, what)
@@ -130,8 +173,15 @@ def load_compatible(path: str | os.PathLike, model_type: str, own: Mapping[str, 
     if head["model_type"] != model_type:
         raise ConfigError(f"{prefix} holds a {head['model_type']} model, the config builds {model_type}")
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as fh:
-        check_compatible(own, {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}, prefix)
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        skipped = extra_layers(own, shapes)
+        check_compatible(own, {k: v for k, v in shapes.items() if k not in set(skipped)}, prefix)
+        state = {k: fh.get_tensor(k) for k in fh.keys() if k not in set(skipped)}
+    head["skipped"] = skipped
+    if skipped:
+        layers = sorted({int(_LAYER.match(k).group(1)) for k in skipped})   # type: ignore[union-attr]
+        log.warning("%s: the export has %d layer(s) more than the model: loaded layers 0..%d, dropped layer(s) %s "
+                    "(%d tensors)", prefix, len(layers), layers[0] - 1, layers, len(skipped))
     return head, state
 
 

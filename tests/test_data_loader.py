@@ -22,6 +22,7 @@ from data_shards import (
     iter_sequences,
 )
 from data_shards.samples import (
+    SPLITS,
     collate,
     collate_index,
     expand,
@@ -310,3 +311,110 @@ def test_resume_on_another_world_size_needs_the_same_global_batch(office_url):
     three = SequenceLoader(office_url, "train", rank=0, world_size=3, num_workers=0, **{**KW, "batch_size": 33})
     with pytest.raises(ValueError, match="not a whole number"):
         three.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- train_targets: all
+
+def all_reference_keys(url: str, split: str, monitor: float) -> collections.Counter:
+    from data_shards.samples import monitor_mask
+    seqs = list(iter_sequences(url))
+    mon = monitor_mask(np.array([s["user"] for s in seqs]), monitor)
+    return collections.Counter((s["user"], float(s["times"][t])) for s, m in zip(seqs, mon)
+                               for t in target_positions(len(s["items"]), split, "all", bool(m)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 30), min_size=0, max_size=12), monitor=st.lists(st.booleans(), min_size=12,
+                                                                                        max_size=12),
+       split=st.sampled_from(["train", "valid", "test"]))
+def test_sample_index_all_matches_target_positions(lengths, monitor, split):
+    n = np.array(lengths, dtype=np.int64)
+    m = np.array(monitor[:len(lengths)], dtype=bool)
+    assert num_samples_array(n, split, "all", m).tolist() == [num_samples(k, split, "all", bool(b))
+                                                              for k, b in zip(lengths, m)]
+    seq, target = sample_index(n, split, "all", m)
+    assert [(int(a), int(b)) for a, b in zip(seq, target)] == [
+        (u, t) for u, (k, b) in enumerate(zip(lengths, m)) for t in target_positions(k, split, "all", bool(b))]
+
+
+def test_samples_per_user_in_both_modes():
+    """loo: n-3 train + 1 valid + 1 test per user; all: n-1 train for a trained user, 0 + 1 + 1 for a
+    monitor user; no user is in both train and valid/test under all."""
+    for n in range(1, 12):
+        assert [num_samples(n, s) for s in SPLITS] == [max(n - 3, 0), int(n >= 3), int(n >= 2)]
+        assert [num_samples(n, s, "all", False) for s in SPLITS] == [n - 1, 0, 0]
+        assert [num_samples(n, s, "all", True) for s in SPLITS] == [0, int(n >= 3), int(n >= 2)]
+        assert list(target_positions(n, "train", "all")) == list(range(1, n))
+
+
+def test_monitor_mask_is_a_deterministic_fraction_of_users():
+    from data_shards.samples import monitor_mask
+    users = np.arange(200_000)
+    m = monitor_mask(users, 0.05)
+    assert abs(m.mean() - 0.05) < 0.003
+    assert (monitor_mask(users[::-1], 0.05) == m[::-1]).all()        # a function of the user alone
+    assert (monitor_mask(users, 0.10) | ~m).all()                      # nested: more is a superset
+    assert not monitor_mask(users, 0.0).any()
+
+
+def test_train_targets_all_counts_and_no_monitor_user_is_trained(office_url):
+    kw = dict(KW, num_workers=0, shuffle=False)
+    per_user = {s["user"]: len(s["items"]) for s in iter_sequences(office_url)}
+    got = {split: collections.Counter(k for k in epoch_keys(SequenceLoader(
+        office_url, split, train_targets="all", monitor_users=0.1, **kw))) for split in SPLITS}
+    train_users = collections.Counter(u for u, _ in got["train"].elements())
+    eval_users = {u for split in ("valid", "test") for u, _ in got[split]}
+    assert eval_users and train_users
+    assert not eval_users & set(train_users)                          # monitor users are never trained on
+    assert all(c == per_user[u] - 1 for u, c in train_users.items())  # every prefix of a trained user
+    assert set(train_users) | eval_users == {u for u, n in per_user.items() if n >= 2}
+    assert 0.05 < len({u for u, _ in got["test"]}) / len(per_user) < 0.15
+    for split in SPLITS:
+        assert got[split] == all_reference_keys(office_url, split, 0.1)
+    # loo (the default) is unchanged: the manifest's counts
+    loo = SequenceLoader(office_url, "train", **kw)
+    assert loo.num_samples == loo.manifest["splits"]["train"]["samples"]
+    # without monitor users: every prefix of every user, and valid/test are refused
+    everything = SequenceLoader(office_url, "train", train_targets="all", **kw)
+    assert everything.num_samples == sum(n - 1 for n in per_user.values())
+    assert collections.Counter(epoch_keys(everything)) == all_reference_keys(office_url, "train", 0.0)
+    from mmm4rec.config import ConfigError
+    for split in ("valid", "test"):
+        with pytest.raises(ConfigError, match="monitor_users"):
+            SequenceLoader(office_url, split, train_targets="all", **kw)
+
+
+@pytest.mark.parametrize("split,monitor", [("train", 0.0), ("train", 0.1), ("valid", 0.1)])
+def test_train_targets_all_two_ranks_two_workers_exactly_once(office_url, split, monitor):
+    loaders = [SequenceLoader(office_url, split, rank=r, world_size=2, num_workers=2, shuffle=True,
+                              train_targets="all", monitor_users=monitor, **KW) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1])
+    got = collections.Counter()
+    for loader in loaders:
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for b in batches:
+            got.update(sample_keys(b))
+    assert got == all_reference_keys(office_url, split, monitor)
+
+
+def test_train_targets_all_resumes_mid_epoch_and_refuses_a_loo_state(office_url):
+    def make(**kw):
+        loader = SequenceLoader(office_url, "train", rank=1, world_size=2, num_workers=2, seed=3,
+                                train_targets="all", monitor_users=0.1, **KW, **kw)
+        loader.set_epoch(2)
+        return loader
+
+    full = epoch_keys(make())
+    first = make()
+    seen = []
+    for i, b in enumerate(first):
+        seen += sample_keys(b)
+        if i + 1 == 21:
+            break
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert seen + epoch_keys(resumed) == full
+    loo = SequenceLoader(office_url, "train", rank=1, world_size=2, num_workers=2, seed=3, **KW)
+    with pytest.raises(ValueError, match="different shards or loader settings"):
+        loo.load_state_dict(first.state_dict())

@@ -53,6 +53,17 @@ def test_missing_shard_url_is_named(tmp_path):
         load(TINY_FT, "data.url=/some/shards")
 
 
+def test_train_targets_and_monitor_users_reach_the_data_section():
+    """data.train_targets / data.monitor_users (data_shards.ShardsConfig) through --set."""
+    cfg = load(TINY_FT, "data.train_targets=all", "data.monitor_users=0.05")
+    assert (cfg.data.train_targets, cfg.data.monitor_users) == ("all", 0.05)
+    assert load(TINY_FT).data.train_targets == "loo" and load(TINY_FT).data.monitor_users == 0.0
+    with pytest.raises(ConfigError, match=r"data\.train_targets: must be one of"):
+        load(TINY_FT, "data.train_targets=every")
+    with pytest.raises(ConfigError, match=r"data\.monitor_users: must be in \[0, 1\)"):
+        load(TINY_FT, "data.monitor_users=1.5")
+
+
 @pytest.mark.parametrize("stage", [4, -1, "two", True])
 def test_zero_stage_outside_0_to_3_is_rejected(tmp_path, stage):
     from dist.config import load_deepspeed_config

@@ -434,3 +434,52 @@ def test_sasrec_input_carries_item_identity():
     assert rel > 0.5, rel
     for layer in dense.encoder.layers:
         assert layer.self_attn.in_proj_weight.std().item() < 0.03
+
+
+# --- time_init: live (issue 28) --------------------------------------------------------------
+def _time_grads(init: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = with_features(MMM4Rec(tiny_cfg(time_init=init)))
+    model.calculate_loss(random_batch(model.config, b=8), "full").backward()
+    out: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if ".time.lin" in name:   # the time factor's Linear(L, L) layers, both blocks
+            branch = name.split(".time.")[0]
+            out[branch] = max(out.get(branch, 0.0), p.grad.abs().max().item())
+    return out
+
+
+def test_live_time_init_gives_the_time_factor_a_gradient():
+    """At the release init the time factor's Linear layers get ~0 gradient (Tanhshrink of a
+    near-zero input: slope x^2); under time_init: live, on the same batch, a gradient five
+    orders above it, in the TiSSD and in the TiCoSSD (whose input is the Fourier filter's)."""
+    release, live = _time_grads("release"), _time_grads("live")
+    assert set(release) == set(live) == {"dense.layers.0.tissd", "dense.layers.0.ticossd"}
+    assert max(release.values()) < 1e-7, release
+    assert min(live.values()) > 1e-5, live
+
+
+def test_live_time_init_makes_user_vectors_depend_on_timestamps():
+    def moved(init):
+        torch.manual_seed(0)
+        model = with_features(MMM4Rec(tiny_cfg(time_init=init))).eval()
+        batch = random_batch(model.config, b=8)
+        other = random_batch(model.config, b=8, seed=1)   # other gaps (a rescaling would not show: LayerNorm)
+        warped = type(batch)(**{**batch, "time_seq": batch["time_seq"] + other["time_seq"] * (batch["time_seq"] > 0)})
+        return (model.user_vectors(batch) - model.user_vectors(warped)).abs().max().item()
+
+    release, live = moved("release"), moved("live")
+    assert release < 1e-5 and live > 1e-4 and live > 100 * release
+
+
+def test_time_init_default_is_the_release_and_changes_no_parameter_count():
+    assert MMM4RecConfig().time_init == "release"
+    assert n_trainable(MMM4Rec(MMM4RecConfig(num_items=10, time_init="live"))) == 1_999_085
+    torch.manual_seed(0)
+    a = MMM4Rec(tiny_cfg())
+    torch.manual_seed(0)
+    b = MMM4Rec(tiny_cfg(time_init="release"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    from mmm4rec.config import from_dict
+    with pytest.raises(ConfigError, match="time_init: must be one of"):
+        from_dict(MMM4RecConfig, {"time_init": "alive"})

@@ -227,9 +227,13 @@ class SeqRecModel(nn.Module):
         return model
 
     def load_transferable(self, state: dict[str, torch.Tensor], source: str = "export") -> None:
-        """Load dense weights, failing with the full list of shape/key mismatches."""
+        """Load dense weights, failing with the full list of shape/key mismatches; whole
+        layers beyond the model's are dropped (``export_format.extra_layers``)."""
         from .. import export_format
 
-        export_format.check_compatible(self.dense.state_dict(), {k: v.shape for k, v in state.items()}, source)
+        own = self.dense.state_dict()
+        skipped = set(export_format.extra_layers(own, {k: tuple(v.shape) for k, v in state.items()}))
+        state = {k: v for k, v in state.items() if k not in skipped}   # whole extra layers (export_format)
+        export_format.check_compatible(own, {k: v.shape for k, v in state.items()}, source)
         self.dense.load_state_dict(state)
 

@@ -60,6 +60,9 @@ class MMM4RecConfig:
     kernels: Literal["auto", "triton", "reference"] = "auto"  # see mmm4rec.kernels.dispatch
     rmsnorm_eps: float = 1e-12      # gated RMSNorm epsilon: the release passes norm_eps (1e-12)
     init_range: float = 0.02
+    time_init: Literal["release", "live"] = "release"   # time branch init (docs/model.md "Live time path"):
+                                    # "release" (inert: its factor T ~ 1e-8, ~0 gradient) | "live"
+                                    # (lin1/lin2 ~ N(0, 1/L), lin2 bias 1: T = O(0.1) and it learns)
 
     @property
     def d_inner(self) -> int:

@@ -11,11 +11,34 @@ import torch.nn.functional as F
 from ..kernels import fourier_filter, use_backend
 from .base import SeqInput, SeqRecModel, TableSpec
 from .configs import MMM4RecConfig
-from .layers import ComplexLinear, Dropout, FeedForward
+from .layers import ComplexLinear, Dropout, FeedForward, TimeBranch
 from .packing import DENSE, Dense, Packed
 from .tissd import TiCoSSD, TiSSD, init_weights
 
 MODALITIES = ("text", "image")
+
+
+def live_time_init(branch: TimeBranch, L: int) -> None:
+    """``time_init: live`` (docs/model.md "Live time path"): the two Linear(L, L) of the
+    time branch ~ N(0, 1/L) (variance-preserving over the length axis, instead of
+    N(0, init_range^2)) and lin2's bias 1, so that Tanhshrink works near x = 1
+    (Tanhshrink(1) = 0.24, slope tanh(1)^2 = 0.58) instead of near 0 (x^3/3, slope x^2)."""
+    with torch.no_grad():
+        for lin in (branch.lin1, branch.lin2):
+            nn.init.normal_(lin.weight, 0.0, L ** -0.5)
+            nn.init.zeros_(lin.bias)
+        nn.init.ones_(branch.lin2.bias)
+
+
+def live_filter_init(cl: ComplexLinear, F: int) -> None:
+    """``time_init: live``: the Fourier filter's complex maps ~ N(0, 1/(2F)) per real part
+    (variance-preserving: each output sums 2F products), zero bias, so that the cross
+    block's time signal d_f = CL_c(CL_a(F_v) F_v + CL_b(F_t) F_t) is O(1) like its
+    inputs instead of O(init_range^2)."""
+    with torch.no_grad():
+        for lin in (cl.real, cl.imag):
+            nn.init.normal_(lin.weight, 0.0, (2 * F) ** -0.5)
+            nn.init.zeros_(lin.bias)
 
 
 class MMM4RecLayer(nn.Module):
@@ -94,6 +117,12 @@ class MMM4RecDense(nn.Module):
         if cfg.item_mm_fusion == "dynamic_shared":
             self.fusion = nn.Parameter(torch.zeros(2))
         self.apply(lambda m: init_weights(m, cfg.init_range))
+        if cfg.is_time and cfg.time_init == "live":
+            for m in self.modules():
+                if isinstance(m, TimeBranch):
+                    live_time_init(m, cfg.max_len)
+                elif isinstance(m, ComplexLinear):
+                    live_filter_init(m, cfg.n_freq)
 
     # --- items -------------------------------------------------------------------
     def adapt(self, rows: dict[str, torch.Tensor], m: int) -> torch.Tensor:
