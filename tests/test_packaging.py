@@ -153,14 +153,14 @@ def test_install_docs_and_setup_use_the_extras_pyproject_defines():
 
 
 def test_missing_optional_packages_are_named_with_their_extra(monkeypatch):
-    from data_shards import DataError
     from data_shards.features import TextEncoder
     from dist.config import TrackersConfig
     from dist.trackers import check_trackers
     from mmm4rec.config import ConfigError, from_dict
+    from mmm4rec.errors import OptionalDependencyError
 
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)     # import fails as if not installed
-    with pytest.raises(DataError, match=r"mmm4rec\[features\]"):
+    with pytest.raises(OptionalDependencyError, match=r"mmm4rec\[features\]"):   # more: test_optional_deps.py
         TextEncoder().model()
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ConfigError, match=r"trackers\.wandb\.enabled: the 'wandb' package is not installed; "
