@@ -454,23 +454,12 @@ def collect(out: Path, runs: list[str], p: dict, args, seconds: float) -> dict:
 
 
 def samples_seen(run_dir: Path) -> int | None:
-    """Training samples a (pretraining) run consumed: full epochs x the train split, plus
-    the steps of an epoch cut by its wall time (micro-batch x accumulation x world size)."""
-    import yaml
-
-    m = _load(run_dir / "metrics.json")
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        samples = _load(Path(cfg["data"]["url"]) / "manifest.json")["splits"]["train"]["samples"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+    """Training samples a (pretraining) run consumed, as its trainer counted them
+    (``metrics.json``: samples per second x train seconds; a resumed run's totals)."""
+    t = (_load(run_dir / "metrics.json") or {}).get("timings", {})
+    if not t.get("samples_per_second") or not t.get("train_seconds"):
         return None
-    spe = _steps_per_epoch(m or {}, run_dir)
-    if not m or not spe:
-        return None
-    full, rem = divmod(int(m.get("steps") or 0), spe)
-    per_step = cfg["data"]["batch_size"] * cfg["train"].get("gradient_accumulation_steps", 1) * int(
-        m.get("world_size") or 1)
-    return full * samples + min(rem * per_step, samples)
+    return round(t["samples_per_second"] * t["train_seconds"])
 
 
 def _git_commit() -> str | None:
